@@ -1,0 +1,24 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv with Python 3.12 on first use and install the package with its test extras.
+VENV := .venv
+PY := $(VENV)/bin/python
+FIXTURES ?= ../shared/fixtures
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || "$$(bash .ci/find_python312.sh)" -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m hsa_jax.demo
+
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,96 @@
+"""Pure-jnp reference of the HSA (hierarchical sparse attention) op: the oracle for every kernel test.
+
+Math (spec §2.2), for query token l, query head h, retrieval row b = l // Q, kv head e = h // G, slot k:
+    c = indices[n, b, e, k],  w = weights[n, b, e, k]
+    x_j = scale * q[n, l, h] . key[n, c*S + j, e]            j = 0..S-1
+    O_k = sum_j exp(x_j) val[n, c*S + j, e] / (sm_n + sum_j exp(x_j))
+    out[n, l, h] = sum_k w * O_k
+Each chunk gets its own softmax (with `sm_n` added to the denominator: softmax-off-by-one when 1), and
+the K per-chunk results are mixed linearly by the retrieval weights.
+
+Memory: the op scans over the K slots and gathers one chunk per (query row, kv head) at a time, so it
+never materialises anything of size Lq x Lkv; the scan body is rematerialised under `jax.grad`, so
+the backward keeps only O(K * Lq * H) residuals besides the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def check_hsa_args(q, k, v, weights, indices, chunk_size: int) -> tuple[int, int, int]:
+    """Validates shapes of the HSA op's arguments; returns (G, Q, C): heads per kv head, queries per
+    retrieval row, chunks in the kv sequence. Raises ValueError naming the offending argument."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"hsa_attention: q, k, v must be rank 4 (N, L, heads, D); got q{q.shape}, k{k.shape}, v{v.shape}")
+    n, lq, hq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"hsa_attention: k{k.shape} and v{v.shape} must have the same shape")
+    nk, lkv, h, dk = k.shape
+    if nk != n or dk != d:
+        raise ValueError(f"hsa_attention: k{k.shape} must match q{q.shape} in batch and head_dim")
+    if hq % h:
+        raise ValueError(f"hsa_attention: query heads {hq} must be a multiple of kv heads {h}")
+    if chunk_size <= 0 or lkv % chunk_size:
+        raise ValueError(
+            f"hsa_attention: kv length {lkv} must be a positive multiple of chunk_size={chunk_size}")
+    if weights.shape != indices.shape or weights.ndim != 4:
+        raise ValueError(
+            f"hsa_attention: weights{weights.shape} and indices{indices.shape} must both be (N, Lq/Q, H, K)")
+    nw, nb, hw, _ = weights.shape
+    if nw != n or hw != h or nb == 0 or lq % nb:
+        raise ValueError(
+            f"hsa_attention: weights/indices{weights.shape} must be (N={n}, Lq/Q, H={h}, K) "
+            f"with Lq={lq} a multiple of the row count")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"hsa_attention: indices must be integers, got {indices.dtype}")
+    return hq // h, lq // nb, lkv // chunk_size
+
+
+def hsa_attention_reference(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx_NxBxHxK, *,
+                            chunk_size: int, sm_n: float = 0.0, scale: float | None = None):
+    """Reference HSA op in fp32. Returns (N, Lq, HQ, D) in q's dtype. Chunk ids are clipped to the
+    valid range [0, Lkv/S); invalid slots are expected to carry weight 0 (and conventionally index 0)."""
+    G, Q, C = check_hsa_args(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx_NxBxHxK, chunk_size)
+    N, Lq, HQ, D = q_NxLxHQxD.shape
+    H, K, S = k_NxLkvxHxD.shape[2], w_NxBxHxK.shape[-1], chunk_size
+    B = Lq // Q
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    sm_n = float(sm_n)
+    f32 = jnp.float32
+
+    q = q_NxLxHQxD.astype(f32).reshape(N, B, Q, H, G, D)
+    k_NxCxSxHxD = k_NxLkvxHxD.astype(f32).reshape(N, C, S, H, D)
+    v_NxCxSxHxD = v_NxLkvxHxD.astype(f32).reshape(N, C, S, H, D)
+    # Slot axis first so that lax.scan walks the K retrieved chunks.
+    idx_KxNxBxH = jnp.moveaxis(jnp.clip(idx_NxBxHxK.astype(jnp.int32), 0, C - 1), -1, 0)
+    w_KxNxBxH = jnp.moveaxis(w_NxBxHxK.astype(f32), -1, 0)
+
+    def gather_chunks(x_NxCxSxHxD, idx_NxBxH):
+        # x[n, idx[n, b, h], :, h, :] -> (N, B, S, H, D)
+        x_NxHxCxSxD = jnp.moveaxis(x_NxCxSxHxD, 3, 1)
+        g_NxHxBxSxD = jax.vmap(jax.vmap(lambda xc, i: xc[i]))(x_NxHxCxSxD, jnp.moveaxis(idx_NxBxH, 2, 1))
+        return jnp.moveaxis(g_NxHxBxSxD, 1, 3)
+
+    @jax.checkpoint
+    def one_slot(out, slot):
+        idx_NxBxH, w_NxBxH = slot
+        kc = gather_chunks(k_NxCxSxHxD, idx_NxBxH)  # (N, B, S, H, D)
+        vc = gather_chunks(v_NxCxSxHxD, idx_NxBxH)
+        x = jnp.einsum("nbqhgd,nbshd->nbqhgs", q, kc) * scale  # (N, B, Q, H, G, S)
+        m = jnp.max(x, axis=-1, keepdims=True)
+        if sm_n:  # the implicit extra logit 0 must take part in the max for stability
+            m = jnp.maximum(m, 0.0)
+        m = jax.lax.stop_gradient(m)
+        p = jnp.exp(x - m)
+        denom = jnp.sum(p, axis=-1, keepdims=True) + sm_n * jnp.exp(-m)
+        o = jnp.einsum("nbqhgs,nbshd->nbqhgd", p / denom, vc)
+        return out + w_NxBxH[:, :, None, :, None, None] * o, None
+
+    out = jnp.zeros((N, B, Q, H, G, D), f32)
+    out, _ = jax.lax.scan(one_slot, out, (idx_KxNxBxH, w_KxNxBxH))
+    return out.reshape(N, Lq, HQ, D).astype(q_NxLxHQxD.dtype)
