@@ -1,0 +1,145 @@
+"""`hsa-compare`: check our forward against outputs of the original PyTorch model.
+
+REF.npz holds `param/<original state_dict key>` arrays, `input_ids` (N, L) and `logits` (N, L, V), and
+optionally `hidden_states/<i>` (output of backbone layer i; the last is norm_f's output),
+`chunking/{mem_k,mem_v,landmarks}` and `retrieval/<g>/dense_chunk_weights`. The tool loads the weights
+into our model, runs the fp32 forward and reports max-abs and relative errors per output. It exits 0
+iff the logits match within --atol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hsa_jax.config import ConfigError, SWAHSAConfig
+from hsa_jax.interop import CheckpointMismatchError, load_state_dict, read_state_dict
+from hsa_jax.model import SWAHSAForCausalLM
+
+MODEL_TYPES = ("swa_hsa",)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    max_abs: float
+    rel: float  # max |ours - ref| / max |ref|
+
+
+@dataclasses.dataclass
+class Report:
+    rows: list[Row]
+    atol: float
+
+    @property
+    def logits(self) -> Row:
+        return next(r for r in self.rows if r.name == "logits")
+
+    @property
+    def ok(self) -> bool:
+        return self.logits.max_abs <= self.atol
+
+    def format(self) -> str:
+        width = max(len(r.name) for r in self.rows)
+        lines = [f"{'output':<{width}}  {'max_abs':>10}  {'rel':>10}"]
+        lines += [f"{r.name:<{width}}  {r.max_abs:10.3e}  {r.rel:10.3e}" for r in self.rows]
+        verdict = "PASS" if self.ok else "FAIL"
+        lines.append(f"{verdict}: logits max_abs {self.logits.max_abs:.3e} {'<=' if self.ok else '>'} atol {self.atol:g}")
+        return "\n".join(lines)
+
+
+def build_model(cfg: SWAHSAConfig, state_dict: dict[str, np.ndarray]) -> SWAHSAForCausalLM:
+    """A model holding the given original weights (initialised abstractly, then filled)."""
+    model = nnx.eval_shape(lambda: SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    # eval_shape leaves ShapeDtypeStructs; give every parameter a concrete buffer before loading.
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+    model = nnx.merge(graphdef, state)
+    load_state_dict(model, state_dict)
+    return model
+
+
+def _row(name, ours, ref) -> Row:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape:
+        raise ValueError(f"{name}: our shape {ours.shape} != reference shape {ref.shape}")
+    err = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return Row(name, err, err / scale if scale else err)
+
+
+def dense_chunk_weights(weights_NxTxHxK, indices_NxTxHxK, num_chunks: int):
+    """Scatter-add of slot weights onto chunk ids: (N, T, H, C); independent of slot order and ties."""
+    onehot = jax.nn.one_hot(indices_NxTxHxK, num_chunks, dtype=jnp.float32)
+    return jnp.einsum("nthk,nthkc->nthc", weights_NxTxHxK, onehot)
+
+
+def compare_reference(cfg: SWAHSAConfig, ref: dict[str, np.ndarray], *, atol: float = 1e-4) -> Report:
+    """Runs our fp32 forward on ref's weights and inputs; compares every output ref holds."""
+    cfg = cfg.replace(dtype="float32", param_dtype="float32")
+    model = build_model(cfg, {k[len("param/"):]: v for k, v in ref.items() if k.startswith("param/")})
+    with jax.default_matmul_precision("highest"):
+        logits, aux = model(jnp.asarray(ref["input_ids"]), return_hidden=True)
+    rows = [_row("logits", logits, ref["logits"])]
+    for key in sorted(k for k in ref if k.startswith("hidden_states/")):
+        rows.append(_row(key, aux["hidden_states"][int(key.split("/")[1])], ref[key]))
+    for name in ("mem_k", "mem_v", "landmarks"):
+        if f"chunking/{name}" in ref:
+            rows.append(_row(f"chunking/{name}", aux["chunking"][name], ref[f"chunking/{name}"]))
+    for g, r in enumerate(aux["retrieval"]):
+        key = f"retrieval/{g}/dense_chunk_weights"
+        if key in ref:
+            ours = dense_chunk_weights(r["chunk_weights"], r["indices"], ref[key].shape[-1])
+            rows.append(_row(key, ours, ref[key]))
+    return Report(rows, atol)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="hsa-compare",
+        description="Compare hsa-jax's forward with reference outputs of the original PyTorch model. "
+                    "Exits 0 iff the logits match within --atol.")
+    p.add_argument("--model-type", choices=MODEL_TYPES, required=True,
+                   help="model family of the reference (swa_hsa: RamstorageAI SWA+HSA)")
+    p.add_argument("--config", required=True, type=pathlib.Path,
+                   help="original HF-style config.json of the reference model")
+    p.add_argument("--reference", required=True, type=pathlib.Path,
+                   help="REF.npz with param/<key> weights, input_ids, logits and optional hidden_states/<i>")
+    p.add_argument("--weights", type=pathlib.Path, default=None,
+                   help="take the weights from this checkpoint (.safetensors/.npz/.bin) instead of REF.npz")
+    p.add_argument("--atol", type=float, default=1e-4, help="max-abs tolerance on the logits (default 1e-4)")
+    p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas", "interpret"),
+                   help="HSA attention backend (default auto: Pallas on GPU, XLA reference elsewhere)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = SWAHSAConfig.from_json(args.config, hsa_impl=args.impl)
+        with np.load(args.reference) as data:
+            ref = {k: data[k] for k in data.files}
+        for key in ("input_ids", "logits"):
+            if key not in ref:
+                raise ValueError(f"{args.reference} has no '{key}' array")
+        if args.weights is not None:
+            ref = {k: v for k, v in ref.items() if not k.startswith("param/")}
+            ref.update({f"param/{k}": v for k, v in read_state_dict(args.weights).items()})
+        report = compare_reference(cfg, ref, atol=args.atol)
+    except (ConfigError, CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"hsa-compare: error: {e}", file=sys.stderr)
+        return 2
+    print(f"hsa-compare: {args.reference} (config {args.config}, backend {jax.default_backend()})")
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Building blocks shared by every layer: dense, embedding, RMSNorm, rotary embedding, SwiGLU MLP,
+grouped-query attention and the pre-norm transformer block.
+
+Parameters carry logical axis names in their `logical_axes` metadata ("embed", "heads", "kv_heads",
+"mlp", "vocab", "retrieval", "head_dim", "norm"); train/ maps them onto mesh axes. Parameter attribute
+names follow the original PyTorch modules so that interop is a mechanical rename (hsa_jax/interop.py).
+Activations run in the dtype of their input; parameters are cast to it at use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, shape, std: float | None, *, axes, dtype=jnp.float32):
+    """An nnx.Param drawn from N(0, std) (ones when std is None), tagged with logical axes."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel is (in, out): the transpose of torch's Linear weight."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], std: float, rngs: nnx.Rngs,
+                 bias: bool = False, dtype=jnp.float32):
+        self.kernel = param(rngs, (d_in, d_out), std, axes=axes, dtype=dtype)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
+
+    def __call__(self, x):
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, std: float, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.embedding = param(rngs, (vocab, dim), std, axes=("vocab", "embed"), dtype=dtype)
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, h):
+        """Tied LM head: h @ embedding^T."""
+        return jnp.dot(h, self.embedding[...].astype(h.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """Liger/Qwen2 "llama" RMSNorm: statistics in fp32, normalised x cast back to the input dtype, then
+    scaled by the weight. Normalises the last axis (`dim` wide: the hidden size, or a head dim)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, axis_name: str = "norm"):
+        self.weight = param(None, (dim,), None, axes=(axis_name,), dtype=dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def rope_cos_sin(positions_NxT, head_dim: int, theta: float, dtype):
+    """Rotate-half (NeoX) rotary tables: cos/sin of p * theta^(-2i/hd), duplicated to hd; the angles
+    are fp32 and the tables are cast to the activation dtype, as the original does. -> (N|1, T, hd)."""
+    inv_freq = jnp.asarray(1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)),
+                           jnp.float32)
+    angle = positions_NxT.astype(jnp.float32)[..., None] * inv_freq  # (N, T, hd/2)
+    emb = jnp.concatenate([angle, angle], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_NxTxHxD, cos_NxTxD, sin_NxTxD):
+    half = x_NxTxHxD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_NxTxHxD[..., half:], x_NxTxHxD[..., :half]], axis=-1)
+    return x_NxTxHxD * cos_NxTxD[:, :, None, :] + rotated * sin_NxTxD[:, :, None, :]
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, *, std: float, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.gate_proj = Dense(dim, hidden, axes=("embed", "mlp"), std=std, rngs=rngs, dtype=dtype)
+        self.up_proj = Dense(dim, hidden, axes=("embed", "mlp"), std=std, rngs=rngs, dtype=dtype)
+        self.down_proj = Dense(hidden, dim, axes=("mlp", "embed"), std=std, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with per-head q/k RMSNorm applied before RoPE.
+
+    window=W: causal sliding window, query t sees keys t-W..t (W+1 keys, flash-attn window_size=(W, 0));
+    window=None: bidirectional (the chunk encoder). Query head h reads kv head h // (heads/kv_heads).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, norm_eps: float,
+                 qkv_bias: bool, o_bias: bool, std: float, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = Dense(dim, heads * head_dim, axes=("embed", "heads"), std=std, rngs=rngs, bias=qkv_bias, dtype=dtype)
+        self.k_proj = Dense(dim, kv_heads * head_dim, axes=("embed", "kv_heads"), std=std, rngs=rngs, bias=qkv_bias, dtype=dtype)
+        self.v_proj = Dense(dim, kv_heads * head_dim, axes=("embed", "kv_heads"), std=std, rngs=rngs, bias=qkv_bias, dtype=dtype)
+        self.o_proj = Dense(heads * head_dim, dim, axes=("heads", "embed"), std=std, rngs=rngs, bias=o_bias, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, norm_eps, dtype=dtype, axis_name="head_dim")
+        self.k_norm = RMSNorm(head_dim, norm_eps, dtype=dtype, axis_name="head_dim")
+
+    def project_qkv(self, u_NxTxD, cos, sin):
+        """-> q (N,T,heads,hd), k and v (N,T,kv_heads,hd), with q/k normed and rotated."""
+        N, T, _ = u_NxTxD.shape
+        q = self.q_norm(self.q_proj(u_NxTxD).reshape(N, T, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(u_NxTxD).reshape(N, T, self.kv_heads, self.head_dim))
+        v = self.v_proj(u_NxTxD).reshape(N, T, self.kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, u_NxTxD, cos, sin, window: int | None):
+        q, k, v = self.project_qkv(u_NxTxD, cos, sin)
+        a = jax.nn.dot_product_attention(
+            q, k, v, is_causal=window is not None,
+            local_window_size=None if window is None else (window, 0))
+        return self.o_proj(a.reshape(*u_NxTxD.shape[:2], self.heads * self.head_dim))
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: h += attn(RMS(h)); h += MLP(dropout(RMS(h))). Serves as the SWA decoder layer
+    (window=W) and as the chunk-encoder layer (window=None); the original names both the same way."""
+
+    def __init__(self, attn: Attention, mlp: SwiGLU, dim: int, norm_eps: float, *, dropout: float = 0.0,
+                 dtype=jnp.float32):
+        self.self_attn = attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(dim, norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(dim, norm_eps, dtype=dtype)
+        self.dropout = dropout
+
+    def __call__(self, h_NxTxD, cos, sin, window: int | None, dropout_rng=None):
+        h = h_NxTxD + self.self_attn(self.input_layernorm(h_NxTxD), cos, sin, window)
+        z = self.post_attention_layernorm(h)
+        if self.dropout and dropout_rng is not None:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, z.shape)
+            z = jnp.where(keep, z / (1.0 - self.dropout), 0).astype(z.dtype)
+        return h + self.mlp(z)
