@@ -1,0 +1,152 @@
+"""The Pallas HSA kernels (interpret mode on CPU) against the pure-jnp reference op.
+
+Interpret mode starts every pallas_call output as NaN (jax's `uninitialized_value`, checked by
+test_interpret_mode_poisons_unwritten_outputs), so an element a kernel forgets to write shows up as a
+NaN in o / dq / dk / dv / dw (the dk/dv split partials and the per-row Di are summed into them) and
+fails the comparison with the reference.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from conftest import rel_err
+from pallas_kernels import hsa
+from pallas_kernels.hsa import KernelParams, hsa_attention, hsa_attention_pallas
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _inputs(rng, *, N, L, Lkv, HQ, H, D, S, K, Q, dtype, invalid=True):
+    """Random q/k/v/dO, positive weights and chunk ids. With `invalid`, retrieval row b sees only the
+    chunks before its own (causal, as the retrieval layer makes them): slots past that count carry
+    weight 0 and index 0, so the first rows are all-invalid."""
+    B, C = L // Q, Lkv // S
+    q, do = (jnp.asarray(rng.standard_normal((N, L, HQ, D)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((N, Lkv, H, D)), dtype) for _ in range(2))
+    w = rng.random((N, B, H, K)).astype(np.float32)
+    idx = rng.integers(0, C, (N, B, H, K)).astype(np.int32)
+    if invalid:
+        visible_B = (np.arange(B) * Q * C) // L  # chunks fully before the row's first query
+        ok = np.arange(K)[None, None, None, :] < visible_B[None, :, None, None]
+        idx = np.where(ok, idx % np.maximum(visible_B, 1)[None, :, None, None], 0)
+        w = np.where(ok, w, 0.0)
+    return q, k, v, jnp.asarray(w), jnp.asarray(idx), do
+
+
+def _value_and_grads(impl_fn, q, k, v, w, idx, do):
+    o, vjp = jax.vjp(lambda q, k, v, w: impl_fn(q, k, v, w, idx), q, k, v, w)
+    return (o, *vjp(do))
+
+
+def _check_against_reference(case, params=KernelParams()):
+    rng = np.random.default_rng()
+    dtype, S, sm_n = case["dtype"], case["S"], case.get("sm_n", 0.0)
+    shapes = {k: v for k, v in case.items() if k != "sm_n"}
+    q, k, v, w, idx, do = _inputs(rng, **shapes)
+    kernel = functools.partial(hsa_attention_pallas, chunk_size=S, sm_n=sm_n, params=params, interpret=True)
+    ref = functools.partial(hsa_attention, chunk_size=S, sm_n=sm_n, impl="xla")
+    got = _value_and_grads(kernel, q, k, v, w, idx, do)
+    want = _value_and_grads(ref, q, k, v, w, idx, do)
+    for name, g, x in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert rel_err(g, x) <= TOL[dtype], (name, rel_err(g, x))
+    return got
+
+
+def _case(N=1, L=32, Lkv=None, HQ=4, H=1, D=32, S=16, K=2, Q=1, dtype=jnp.float32, sm_n=0.0):
+    return dict(N=N, L=L, Lkv=Lkv or L, HQ=HQ, H=H, D=D, S=S, K=K, Q=Q, dtype=dtype, sm_n=sm_n)
+
+
+# A sample of the coverage grid: every G in {1..32}, head_dim 32..256 (and a non power of two),
+# chunk 32/64/128, top-k 1..32, token- and block-level retrieval, sm_n 0/1, fp32/bf16, batch 2,
+# Lq != Lkv, and Q*G above the tile cap (several tiles per retrieval row).
+GRID = {
+    "G1_fp32": _case(HQ=2, H=2, D=32, S=32, K=3, L=64),
+    "G2_bf16_smn1": _case(HQ=4, H=2, D=64, S=32, K=4, L=64, dtype=jnp.bfloat16, sm_n=1.0),
+    "G4_batch2": _case(N=2, HQ=4, H=1, D=32, S=16, K=8, L=48, Lkv=64),
+    "G8_D128_S64": _case(HQ=8, H=1, D=128, S=64, K=2, L=128, sm_n=1.0),
+    "G16_bf16_D64": _case(HQ=16, H=1, D=64, S=32, K=8, L=64, dtype=jnp.bfloat16),
+    "G32_H2_topk32": _case(HQ=64, H=2, D=32, S=16, K=32, L=32, Lkv=64),
+    "G16_D256_S128": _case(HQ=16, H=1, D=256, S=128, K=1, L=32, Lkv=256, dtype=jnp.bfloat16),
+    "G1_D48_Q4": _case(HQ=1, H=1, D=48, S=16, K=3, L=64, Q=4, sm_n=1.0),
+    "G2_Q8_bf16": _case(N=2, HQ=4, H=2, D=32, S=32, K=2, L=128, Q=8, dtype=jnp.bfloat16),
+    "G32_Q8_multitile": _case(HQ=32, H=1, D=32, S=16, K=2, L=64, Q=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRID))
+def test_kernel_matches_reference(name):
+    _check_against_reference(GRID[name])
+
+
+@pytest.mark.parametrize("params", [
+    KernelParams(fwd_rows=3, dkv_rows=32, dkv_splits=3),  # B % fwd_rows != 0; pairs split 3 ways
+    KernelParams(max_tile_rows=16, dkv_rows=16, dkv_splits=1),  # Q*G = 32 rows in two tiles
+])
+def test_kernel_tiling_variants_match_reference(params):
+    _check_against_reference(_case(N=2, HQ=8, H=2, D=32, S=16, K=4, L=40, Lkv=64, Q=2), params)
+
+
+def test_all_invalid_rows_give_zero_output_and_finite_grads():
+    rng = np.random.default_rng()
+    q, k, v, w, idx, do = _inputs(rng, **{k: v for k, v in _case(HQ=4, L=64).items() if k != "sm_n"})
+    dead_B = np.asarray(w).sum(axis=(0, 2, 3)) == 0  # rows whose slots are all invalid
+    assert dead_B.any() and not dead_B.all()
+    op = functools.partial(hsa_attention, chunk_size=16, sm_n=1.0, impl="interpret")
+    o, dq, dk, dv, dw = _value_and_grads(op, q, k, v, w, idx, do)
+    assert float(jnp.abs(o[:, dead_B]).max()) == 0.0
+    assert float(jnp.abs(dq[:, dead_B]).max()) == 0.0
+    for g in (dq, dk, dv, dw):
+        assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_forward_lse_fully_written():
+    rng = np.random.default_rng()
+    case = {k: v for k, v in _case(N=2, HQ=2, H=2, L=24, Lkv=32, Q=3).items() if k != "sm_n"}
+    q, k, v, w, idx, _ = _inputs(rng, **case)
+    dims = hsa.make_dims(q, k, w, chunk_size=16, params=KernelParams(fwd_rows=3), interpret=True)
+    o, lse = hsa._forward(q, k, v, w, idx, dims)
+    assert lse.shape == (2 * 2 * 8 * 2 * 3,)
+    assert bool(jnp.all(jnp.isfinite(lse))) and bool(jnp.all(jnp.isfinite(o)))
+
+
+def test_interpret_mode_poisons_unwritten_outputs():
+    """The premise of the write-coverage checks: an element no program writes reads back as NaN."""
+    def write_first_half(o_ref):
+        o_ref[pl.ds(0, 8)] = jnp.ones((8,), jnp.float32)
+
+    out = pl.pallas_call(write_first_half, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                         interpret=True)()
+    assert bool(jnp.all(out[:8] == 1.0)) and bool(jnp.all(jnp.isnan(out[8:])))
+
+
+def test_reverse_index_lists_exactly_the_selecting_pairs():
+    rng = np.random.default_rng()
+    N, B, H, K, C = 2, 12, 3, 4, 5
+    idx = rng.integers(0, C, (N, B, H, K)).astype(np.int32)
+    w = np.where(rng.random((N, B, H, K)) < 0.3, 0.0, 1.0).astype(np.float32)
+    dims = hsa._Dims(N=N, L=B, HQ=H, D=16, Lkv=C * 16, H=H, B=B, K=K, S=16, scale=1.0, sm_n=0.0,
+                     params=KernelParams(), interpret=True)
+    offsets, pairs = (np.asarray(x) for x in hsa._reverse_index(jnp.asarray(idx), jnp.asarray(w), dims))
+    idx_NHBK, w_NHBK = idx.transpose(0, 2, 1, 3).ravel(), w.transpose(0, 2, 1, 3).ravel()
+    for n in range(N):
+        for e in range(H):
+            for c in range(C):
+                seg = (n * H + e) * (C + 1) + c
+                got = pairs[offsets[seg]:offsets[seg + 1]]
+                base = (n * H + e) * B * K
+                want = [p for p in range(base, base + B * K) if idx_NHBK[p] == c and w_NHBK[p] != 0]
+                assert list(got) == want  # stable: pairs in (row, slot) order
+
+
+def test_auto_impl_is_reference_on_cpu_and_bad_chunk_size_raises():
+    assert hsa.resolve_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    z = jnp.zeros((1, 48, 2, 16))
+    with pytest.raises(ValueError, match="power of two"):
+        hsa_attention(z, z[:, :, :1], z[:, :, :1], jnp.zeros((1, 48, 1, 2)), jnp.zeros((1, 48, 1, 2), jnp.int32),
+                      chunk_size=24, impl="interpret")
