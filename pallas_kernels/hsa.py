@@ -1,19 +1,42 @@
-"""HSA attention: the public op.
+"""HSA attention: the public op and its Pallas GPU kernels (Triton lowering).
 
 `hsa_attention` is the one entry point the models call. `impl` picks the backend:
   "xla"        the pure-jnp reference (pallas_kernels/reference.py), differentiable by jax.grad;
   "pallas"     the Pallas GPU kernels (Triton lowering) with a custom VJP;
   "interpret"  the same Pallas kernels in interpret mode (CPU tests);
   "auto"       "pallas" on GPU, "xla" elsewhere.
+
+Kernel design (notation of reference.py: R = Q*G query rows share one retrieval row (n, b, e)):
+  forward  q-major, grid (row tiles, N*H). A tile is BM >= 16 rows of one retrieval row (the Q*G rows
+           are packed, then zero-padded up to BM, so any G or Q fills a matrix-unit tile). For each of
+           the K slots it gathers the chunk's (S, D) keys/values, runs one softmax over the chunk
+           (with sm_n in the denominator) and accumulates w * P V. It stores the per-(row, slot)
+           base-2 log-sum-exp for the backward.
+  dq       same grid; recomputes P from the stored LSE, Di = rowsum(P * dP) (= dO . O_k, which is
+           also d(weight) summed over the R rows), dS = w P (dP - Di), dq += dS K.
+  dk/dv    chunk-major, grid (C, N*H, splits): a reverse index (the (row, slot) pairs that selected
+           each chunk, CSR via one stable argsort) lets the program of chunk c visit only its own
+           pairs, so the work is O(N * Lq * HQ * K * S * D), linear in L, with no atomics. Each split
+           takes every `splits`-th block of a chunk's pairs and writes an fp32 partial; the partials
+           are summed in a fixed order, so results are bit-identical across runs.
 """
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+import functools
+import math
 
-from pallas_kernels.reference import hsa_attention_reference
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.reference import check_hsa_args, hsa_attention_reference
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
+LOG2E = math.log2(math.e)
 
 
 def resolve_impl(impl: str) -> str:
@@ -24,6 +47,375 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelParams:
+    """Tuning knobs of the Pallas kernels (defaults: H200 measurements in docs/benchmarks.md)."""
+    max_tile_rows: int = 128   # BM cap: rows per retrieval-row tile in fwd and dq
+    fwd_rows: int = 1          # retrieval rows per forward / dq program (looped)
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    dq_warps: int = 4
+    dq_stages: int = 2
+    dkv_rows: int = 64         # target matrix rows (pairs x tile rows) per dk/dv step
+    dkv_splits: int = 0        # 0: pick from the grid size (see _dkv_splits)
+    dkv_warps: int = 4
+    dkv_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    """Static shapes and derived tiling of one call."""
+    N: int
+    L: int
+    HQ: int
+    D: int
+    Lkv: int
+    H: int
+    B: int
+    K: int
+    S: int
+    scale: float
+    sm_n: float
+    params: KernelParams
+    interpret: bool
+
+    @property
+    def G(self): return self.HQ // self.H
+
+    @property
+    def Q(self): return self.L // self.B
+
+    @property
+    def R(self): return self.Q * self.G  # query rows per retrieval row
+
+    @property
+    def C(self): return self.Lkv // self.S
+
+    @property
+    def BM(self):  # tile rows: a power of two >= 16 (matrix-unit minimum), capped
+        return min(max(16, pl.next_power_of_2(self.R)), self.params.max_tile_rows)
+
+    @property
+    def NR(self): return pl.cdiv(self.R, self.BM)  # tiles per retrieval row
+
+    @property
+    def Dp(self): return max(16, pl.next_power_of_2(self.D))  # head dim padded for Triton shapes
+
+
+def _precision(dtype):
+    # Triton's default for an fp32 dot is TF32; fp32 inputs ask for IEEE fp32 products.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    """a @ b (optionally transposed operands) with fp32 accumulation."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _compiler_params(warps, stages):
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared index arithmetic. All arrays are passed flat: q/o/dO/dq as (N*L*HQ, D) rows, k/v as
+# (N*Lkv*H, D) rows, weights/indices as (N*B*H*K,), LSE and Di as (N*H*B*K*R,).
+
+def _tile_rows(dims: _Dims, r0):
+    """Rows r0 + [0, BM) of a retrieval row: (r, in_range, token offset in the row, head in group).
+    Rows past R are masked; their addresses point at other rows (or past the end), never at a row of
+    the same tile, so a masked store never aliases a live element (interpret mode scatters them)."""
+    r_BM = r0 + jnp.arange(dims.BM)
+    return r_BM, r_BM < dims.R, r_BM // dims.G, r_BM % dims.G
+
+
+def _row_mask(ok_M, dims: _Dims):
+    """(M, Dp) mask of rows ok_M (all rows if None) and of the real head_dim columns; None if all-true."""
+    col_ok = None if dims.Dp == dims.D else (jnp.arange(dims.Dp) < dims.D)[None, :]
+    row_ok = None if ok_M is None else ok_M[:, None]
+    if row_ok is None or col_ok is None:
+        return row_ok if col_ok is None else col_ok
+    return row_ok & col_ok
+
+
+def _at_rows(ref, row_M, dims: _Dims):
+    # Both axes as integer arrays: the form that both Triton lowering and interpret mode gather.
+    return ref.at[row_M[:, None], jnp.arange(dims.Dp)[None, :]]
+
+
+def _load_rows(ref, row_M, dims: _Dims, ok_M=None):
+    """Gathers rows (M, Dp) of a (rows, D) array; masked rows / padded columns read 0."""
+    mask = _row_mask(ok_M, dims)
+    if mask is None:
+        return _at_rows(ref, row_M, dims)[...]
+    mask = jnp.broadcast_to(mask, (row_M.shape[0], dims.Dp))
+    return plgpu.load(_at_rows(ref, row_M, dims), mask=mask, other=0)
+
+
+def _store_rows(ref, row_M, x_MxDp, dims: _Dims, ok_M=None):
+    mask = _row_mask(ok_M, dims)
+    if mask is None:
+        _at_rows(ref, row_M, dims)[...] = x_MxDp.astype(ref.dtype)
+    else:
+        mask = jnp.broadcast_to(mask, (row_M.shape[0], dims.Dp))
+        plgpu.store(_at_rows(ref, row_M, dims), x_MxDp.astype(ref.dtype), mask=mask)
+
+
+def _chunk_rows(dims: _Dims, n, e, c):
+    """Rows of k/v holding chunk c of kv head e: (S,)."""
+    return (n * dims.Lkv + c * dims.S + jnp.arange(dims.S)) * dims.H + e
+
+
+def _logits2(q_MxDp, k_SxDp, dims: _Dims):
+    """Base-2 logits: scale * log2(e) * q k^T, fp32 (M, S)."""
+    return _dot(q_MxDp, k_SxDp, trans_b=True) * (dims.scale * LOG2E)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and dq: q-major. Grid (cdiv(B, fwd_rows) * NR, N*H).
+
+def _row_tile_loop(dims: _Dims, body):
+    """Runs body(n, e, ok_BM, qrow_BM, slot0, lseoff_BM) for each retrieval row of this program's tile.
+    slot0: flat offset of slot 0 of (n, b, e) in weights/indices; lseoff_BM: flat offsets of the tile's
+    rows for slot 0 in the (N, H, B, K, R) LSE / Di arrays (add k*R for slot k)."""
+    pid, ne = pl.program_id(0), pl.program_id(1)
+    n, e = ne // dims.H, ne % dims.H
+    rc, b0 = pid % dims.NR, (pid // dims.NR) * dims.params.fwd_rows
+    r_BM, ok_BM, tok_BM, g_BM = _tile_rows(dims, rc * dims.BM)
+
+    def one_row(i, carry):
+        b = b0 + i
+        ok = ok_BM & (b < dims.B)
+        b = jnp.minimum(b, dims.B - 1)
+        qrow_BM = (n * dims.L + b * dims.Q + tok_BM) * dims.HQ + e * dims.G + g_BM
+        slot0 = ((n * dims.B + b) * dims.H + e) * dims.K
+        lseoff_BM = ((ne * dims.B + b) * dims.K) * dims.R + r_BM
+        body(n, e, ok, qrow_BM, slot0, lseoff_BM)
+        return carry
+
+    lax.fori_loop(0, dims.params.fwd_rows, one_row, 0)
+
+
+def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims):
+    def body(n, e, ok_BM, qrow_BM, slot0, lseoff_BM):
+        q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
+
+        def one_slot(kk, acc_BMxDp):
+            c, w = idx_ref[slot0 + kk], w_ref[slot0 + kk]
+            kvrow_S = _chunk_rows(dims, n, e, c)
+            k_SxDp = _load_rows(k_ref, kvrow_S, dims)
+            v_SxDp = _load_rows(v_ref, kvrow_S, dims)
+            x_BMxS = _logits2(q_BMxDp, k_SxDp, dims)
+            m_BM = jnp.max(x_BMxS, axis=1)
+            if dims.sm_n:  # the implicit extra logit 0 takes part in the max
+                m_BM = jnp.maximum(m_BM, 0.0)
+            p_BMxS = jnp.exp2(x_BMxS - m_BM[:, None])
+            l_BM = jnp.sum(p_BMxS, axis=1)
+            if dims.sm_n:
+                l_BM += dims.sm_n * jnp.exp2(-m_BM)
+            o_BMxDp = _dot(p_BMxS.astype(v_SxDp.dtype), v_SxDp)
+            plgpu.store(lse_ref.at[lseoff_BM + kk * dims.R], m_BM + jnp.log2(l_BM), mask=ok_BM)
+            return acc_BMxDp + o_BMxDp * (w / l_BM)[:, None]
+
+        acc_BMxDp = lax.fori_loop(0, dims.K, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
+        _store_rows(o_ref, qrow_BM, acc_BMxDp, dims, ok_BM)
+
+    _row_tile_loop(dims, body)
+
+
+def _dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_ref, *, dims: _Dims):
+    def body(n, e, ok_BM, qrow_BM, slot0, lseoff_BM):
+        q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
+        do_BMxDp = _load_rows(do_ref, qrow_BM, dims, ok_BM)
+
+        def one_slot(kk, dq_BMxDp):
+            c, w = idx_ref[slot0 + kk], w_ref[slot0 + kk]
+            kvrow_S = _chunk_rows(dims, n, e, c)
+            k_SxDp = _load_rows(k_ref, kvrow_S, dims)
+            v_SxDp = _load_rows(v_ref, kvrow_S, dims)
+            lse_BM = plgpu.load(lse_ref.at[lseoff_BM + kk * dims.R], mask=ok_BM, other=0.0)
+            p_BMxS = jnp.exp2(_logits2(q_BMxDp, k_SxDp, dims) - lse_BM[:, None])
+            dp_BMxS = _dot(do_BMxDp, v_SxDp, trans_b=True)
+            di_BM = jnp.sum(p_BMxS * dp_BMxS, axis=1)  # = dO . O_k
+            plgpu.store(di_ref.at[lseoff_BM + kk * dims.R], di_BM, mask=ok_BM)
+            ds_BMxS = (w * p_BMxS) * (dp_BMxS - di_BM[:, None])
+            return dq_BMxDp + _dot(ds_BMxS.astype(k_SxDp.dtype), k_SxDp)
+
+        dq_BMxDp = lax.fori_loop(0, dims.K, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
+        _store_rows(dq_ref, qrow_BM, dq_BMxDp * dims.scale, dims, ok_BM)
+
+    _row_tile_loop(dims, body)
+
+
+def _q_major_call(kernel, dims: _Dims, out_shape, warps, stages, name):
+    grid = (pl.cdiv(dims.B, dims.params.fwd_rows) * dims.NR, dims.N * dims.H)
+    return pl.pallas_call(functools.partial(kernel, dims=dims), grid=grid, out_shape=out_shape,
+                          compiler_params=_compiler_params(warps, stages),
+                          interpret=dims.interpret, name=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# dk/dv: chunk-major over a reverse index. Grid (C, N*H, splits).
+
+def _dkv_pairs(dims: _Dims) -> int:
+    """(row, slot) pairs per dk/dv step: BP pairs x BM tile rows ~ dkv_rows matrix rows."""
+    return max(1, dims.params.dkv_rows // dims.BM)
+
+
+def _dkv_splits(dims: _Dims) -> int:
+    """Programs per chunk. Causal retrieval picks early chunks far more often (chunk 0: ~S*K*ln(C)
+    pairs vs S*K on average), so with few chunks the busiest chunk's program would outlast the
+    rest; splitting keeps ~1024 programs in flight. Each split costs one fp32 (Lkv, D) partial."""
+    if dims.params.dkv_splits:
+        return dims.params.dkv_splits
+    return max(1, min(8, 1024 // (dims.C * dims.N * dims.H)))
+
+
+def _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims: _Dims):
+    """CSR of the pairs that selected each chunk. Returns (offsets (N*H*(C+1)+1,), pairs (N*H*B*K,)):
+    the pairs of (n, e, c) are pairs[offsets[s]:offsets[s+1]] with s = (n*H + e)*(C+1) + c, each pair
+    the flat index ((n*H + e)*B + b)*K + k. Zero-weight pairs (invalid slots) contribute nothing to
+    dk/dv and go to the unused bucket c = C."""
+    N, H, B, K, C = dims.N, dims.H, dims.B, dims.K, dims.C
+    c_NxHxBxK = jnp.where(w_NxBxHxK != 0, idx_NxBxHxK, C).transpose(0, 2, 1, 3)
+    key_P = (jnp.arange(N * H, dtype=jnp.int32)[:, None] * (C + 1) + c_NxHxBxK.reshape(N * H, B * K)).ravel()
+    pairs_P = jnp.argsort(key_P, stable=True).astype(jnp.int32)  # stable: a fixed summation order
+    counts = jnp.bincount(key_P, length=N * H * (C + 1))
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+    return offsets, pairs_P
+
+
+def _dkv_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+                dk_ref, dv_ref, *, dims: _Dims, splits: int):
+    c, ne, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n, e = ne // dims.H, ne % dims.H
+    BP = _dkv_pairs(dims)
+    seg = ne * (dims.C + 1) + c
+    start, end = off_ref[seg], off_ref[seg + 1]
+    my_steps = pl.cdiv(jnp.maximum(pl.cdiv(end - start, BP) - s, 0), splits)
+
+    kvrow_S = _chunk_rows(dims, n, e, c)
+    k_SxDp = _load_rows(k_ref, kvrow_S, dims)
+    v_SxDp = _load_rows(v_ref, kvrow_S, dims)
+    # Matrix row m = (pair slot m // BM, tile row m % BM).
+    m_M = jnp.arange(BP * dims.BM)
+    slot_M, rr_M = m_M // dims.BM, m_M % dims.BM
+
+    def one_step(i, carry):
+        dk_SxDp, dv_SxDp = carry
+        pos_M = start + (s + i * splits) * BP + slot_M
+        pos_ok_M = pos_M < end
+        pair_M = pair_ref[jnp.minimum(pos_M, end - 1)]
+        local_M = pair_M - ne * (dims.B * dims.K)
+        b_M = local_M // dims.K
+        w_M = w_ref[pair_M]
+        for rc in range(dims.NR):  # tiles of a retrieval row (one unless Q*G > max_tile_rows)
+            r_M = rc * dims.BM + rr_M
+            ok_M = pos_ok_M & (r_M < dims.R)
+            qrow_M = (n * dims.L + b_M * dims.Q + r_M // dims.G) * dims.HQ + e * dims.G + r_M % dims.G
+            q_MxDp = _load_rows(q_ref, qrow_M, dims, ok_M)
+            do_MxDp = _load_rows(do_ref, qrow_M, dims, ok_M)
+            lse_M = plgpu.load(lse_ref.at[pair_M * dims.R + r_M], mask=ok_M, other=0.0)
+            di_M = plgpu.load(di_ref.at[pair_M * dims.R + r_M], mask=ok_M, other=0.0)
+            p_MxS = jnp.exp2(_logits2(q_MxDp, k_SxDp, dims) - lse_M[:, None])
+            wp_MxS = jnp.where(ok_M, w_M, 0.0)[:, None] * p_MxS
+            dv_SxDp += _dot(wp_MxS.astype(do_MxDp.dtype), do_MxDp, trans_a=True)
+            ds_MxS = wp_MxS * (_dot(do_MxDp, v_SxDp, trans_b=True) - di_M[:, None])
+            dk_SxDp += _dot(ds_MxS.astype(q_MxDp.dtype), q_MxDp, trans_a=True)
+        return dk_SxDp, dv_SxDp
+
+    zeros = jnp.zeros((dims.S, dims.Dp), jnp.float32)
+    dk_SxDp, dv_SxDp = lax.fori_loop(0, my_steps, one_step, (zeros, zeros))
+    prow_S = s * (dims.N * dims.Lkv * dims.H) + kvrow_S  # partial of split s
+    _store_rows(dk_ref, prow_S, dk_SxDp * dims.scale, dims)
+    _store_rows(dv_ref, prow_S, dv_SxDp, dims)
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrappers and custom VJP.
+
+def _flat_rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def _forward(q, k, v, w_NxBxHxK, idx_NxBxHxK, dims: _Dims):
+    """Returns o (N, L, HQ, D) and the base-2 LSE (N*H*B*K*R,) fp32."""
+    p = dims.params
+    out_shape = (jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype),
+                 jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32))
+    o, lse = _q_major_call(_fwd_kernel, dims, out_shape, p.fwd_warps, p.fwd_stages, "hsa_fwd")(
+        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v))
+    return o.reshape(q.shape), lse
+
+
+def _backward(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
+    p = dims.params
+    N, H, B, K, R = dims.N, dims.H, dims.B, dims.K, dims.R
+    out_shape = (jax.ShapeDtypeStruct((N * dims.L * dims.HQ, dims.D), q.dtype),
+                 jax.ShapeDtypeStruct((N * H * B * K * R,), jnp.float32))
+    dq, di = _q_major_call(_dq_kernel, dims, out_shape, p.dq_warps, p.dq_stages, "hsa_dq")(
+        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v),
+        _flat_rows(do), lse)
+    dw_NxHxBxK = di.reshape(N, H, B, K, R).sum(axis=-1)
+
+    splits = _dkv_splits(dims)
+    offsets, pairs = _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims)
+    part = jax.ShapeDtypeStruct((splits * N * dims.Lkv * H, dims.D), jnp.float32)
+    dk_part, dv_part = pl.pallas_call(
+        functools.partial(_dkv_kernel, dims=dims, splits=splits), grid=(dims.C, N * H, splits),
+        out_shape=(part, part), compiler_params=_compiler_params(p.dkv_warps, p.dkv_stages),
+        interpret=dims.interpret, name="hsa_dkdv")(
+        offsets, pairs, w_NxBxHxK.transpose(0, 2, 1, 3).ravel(), _flat_rows(q), _flat_rows(k),
+        _flat_rows(v), _flat_rows(do), lse, di)
+    dk = dk_part.reshape(splits, *k.shape).sum(axis=0).astype(k.dtype)
+    dv = dv_part.reshape(splits, *v.shape).sum(axis=0).astype(v.dtype)
+    return dq.reshape(q.shape), dk, dv, dw_NxHxBxK.transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _hsa_pallas(q, k, v, w, idx, dims: _Dims):
+    return _forward(q, k, v, w.astype(jnp.float32), idx, dims)[0]
+
+
+def _hsa_pallas_fwd(q, k, v, w, idx, dims: _Dims):
+    o, lse = _forward(q, k, v, w.astype(jnp.float32), idx, dims)
+    return o, (q, k, v, w, idx, lse)
+
+
+def _hsa_pallas_bwd(dims: _Dims, res, do):
+    q, k, v, w, idx, lse = res
+    dq, dk, dv, dw = _backward(q, k, v, w.astype(jnp.float32), idx, lse, do.astype(q.dtype), dims)
+    return dq, dk, dv, dw.astype(w.dtype), None
+
+
+_hsa_pallas.defvjp(_hsa_pallas_fwd, _hsa_pallas_bwd)
+
+
+def make_dims(q, k, weights, *, chunk_size: int, sm_n: float = 0.0, scale: float | None = None,
+              params: KernelParams = KernelParams(), interpret: bool = False) -> _Dims:
+    """Static configuration of one Pallas call (validated shapes, tiling, tuning knobs)."""
+    N, L, HQ, D = q.shape
+    _, Lkv, H, _ = k.shape
+    _, B, _, K = weights.shape
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"hsa_attention(impl=pallas): chunk_size={chunk_size} must be a power of two >= 16")
+    return _Dims(N=N, L=L, HQ=HQ, D=D, Lkv=Lkv, H=H, B=B, K=K, S=chunk_size,
+                 scale=1.0 / math.sqrt(D) if scale is None else float(scale), sm_n=float(sm_n),
+                 params=params, interpret=interpret)
+
+
+def hsa_attention_pallas(q, k, v, weights, indices, *, chunk_size: int, sm_n: float = 0.0,
+                         scale: float | None = None, params: KernelParams = KernelParams(),
+                         interpret: bool = False):
+    """The Pallas op with explicit tuning knobs (benchmarks sweep them; models use hsa_attention)."""
+    _, _, C = check_hsa_args(q, k, v, weights, indices, chunk_size)
+    dims = make_dims(q, k, weights, chunk_size=chunk_size, sm_n=sm_n, scale=scale, params=params,
+                     interpret=interpret)
+    # Same contract as the reference: chunk ids are clipped into [0, C).
+    idx = jnp.clip(indices.astype(jnp.int32), 0, C - 1)
+    return _hsa_pallas(q, k, v, weights, idx, dims)
+
+
 def hsa_attention(q, k, v, weights, indices, *, chunk_size: int, sm_n: float = 0.0,
                   scale: float | None = None, impl: str = "xla"):
     """Chunked retrieval attention. q (N, Lq, HQ, D); k, v (N, Lkv, H, D); weights (N, Lq/Q, H, K) float;
@@ -32,4 +424,5 @@ def hsa_attention(q, k, v, weights, indices, *, chunk_size: int, sm_n: float = 0
     impl = resolve_impl(impl)
     if impl == "xla":
         return hsa_attention_reference(q, k, v, weights, indices, chunk_size=chunk_size, sm_n=sm_n, scale=scale)
-    raise NotImplementedError(f"hsa_attention: impl={impl!r} is not available yet")
+    return hsa_attention_pallas(q, k, v, weights, indices, chunk_size=chunk_size, sm_n=sm_n, scale=scale,
+                                interpret=impl == "interpret")
