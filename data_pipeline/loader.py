@@ -1,0 +1,150 @@
+"""grain loading of an index: windows of L+1 tokens, batched per JAX process.
+
+Window i of a loader is a pure function of (index, mode, seed, i). The global batch at step s is windows
+s*B .. s*B+B-1 (B = global batch size) whatever the process count; process p of P gets the windows
+(s*b + j)*P + p for j < b = B/P (see BatchSource). So processes read disjoint windows that together make
+up each global batch exactly once, and a grain iterator state restores the exact position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain.python as grain
+import numpy as np
+
+from .errors import DataPipelineError
+from .index import TokenIndex
+
+MODES = ("random", "across_docs", "sequential")
+# Random modes have no natural end; 2**40 samples outlast any run.
+ENDLESS = 1 << 40
+ACROSS_DOCS_BLOCK = 8
+
+
+class WindowSource(grain.RandomAccessDataSource):
+    """grain data source over a memory-mapped index. Record i: {"input_ids": int32 (L+1,)}, the inputs
+    [0:L] and the labels [1:L+1] of one window.
+
+    Modes (as in the original TextDataset; EOS separators stay in the stream, no −100 padding is needed
+    because every window is full):
+      random       window starting at a uniform position of the whole token stream (crosses documents);
+      across_docs  `random_across_doc_sampling`: repeatedly pick a token position uniformly (that is a
+                   document weighted by its length, and a uniform offset in it) and copy from there to
+                   the end of that document (EOS included), until L+1 tokens are collected;
+      sequential   window i is tokens [i*L, i*L + L + 1): each token is a label exactly once; for
+                   evaluation. Its length is (total_tokens - 1) // L; the last partial window is dropped.
+    """
+
+    def __init__(self, index: TokenIndex | str | Path, seq_len: int, mode: str = "random", seed: int = 0,
+                 num_samples: int | None = None):
+        self.index = index if isinstance(index, TokenIndex) else TokenIndex(index)
+        if mode not in MODES:
+            raise DataPipelineError(f"mode {mode!r}: allowed {', '.join(MODES)}")
+        if seq_len < 1 or seq_len + 1 > self.index.total_tokens:
+            raise DataPipelineError(f"seq_len {seq_len}: windows of seq_len+1 tokens must fit in the "
+                                    f"{self.index.total_tokens} tokens of {self.index.directory}")
+        self.seq_len, self.mode, self.seed = seq_len, mode, seed
+        natural = (self.index.total_tokens - 1) // seq_len if mode == "sequential" else ENDLESS
+        if num_samples is not None and not 0 < num_samples <= natural:
+            raise DataPipelineError(f"num_samples {num_samples}: allowed 1..{natural} for mode {mode}")
+        self.num_samples = num_samples or natural
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"input_ids": self.window(int(i), np.empty(self.seq_len + 1, np.int32))}
+
+    def window(self, i: int, out: np.ndarray) -> np.ndarray:
+        """Write window i into `out` (int32 (L+1,)) and return it."""
+        n = self.seq_len + 1
+        if self.mode == "sequential":
+            return self.index.read(i * self.seq_len, n, out)
+        rng = np.random.default_rng([self.seed, i])
+        total = self.index.total_tokens
+        if self.mode == "random":
+            return self.index.read(int(rng.integers(total - n + 1)), n, out)
+        filled = 0
+        while filled < n:
+            # Positions are drawn in blocks for one vectorised document lookup each (the block size is
+            # part of the sampling definition: changing it changes the windows).
+            starts = rng.integers(total, size=ACROSS_DOCS_BLOCK)
+            for pos, end in zip(starts.tolist(), self.index.document_ends(starts).tolist()):
+                take = min(end - pos, n - filled)
+                self.index.read(pos, take, out[filled:filled + take])
+                filled += take
+                if filled == n:
+                    break
+        return out
+
+    def __repr__(self) -> str:
+        return (f"WindowSource({str(self.index.directory)!r}, seq_len={self.seq_len}, mode={self.mode!r}, "
+                f"seed={self.seed}, num_samples={self.num_samples})")
+
+
+class BatchSource(grain.RandomAccessDataSource):
+    """Record r is the batch of process r % P at global step r // P: {"input_ids": int32 (b, L+1)} with
+    row j = window (step*b + j)*P + r % P of `windows` (b = B/P). Whole batches as records keep grain's
+    per-record overhead off the per-window path; grain's interleaved sharding then hands process p the
+    records p, P + p, 2P + p, ..., i.e. its batch of every step."""
+
+    def __init__(self, windows: WindowSource, global_batch_size: int, process_count: int):
+        self.windows, self.process_count = windows, process_count
+        self.per_process = global_batch_size // process_count
+        self.steps = len(windows) // global_batch_size
+
+    def __len__(self) -> int:
+        return self.steps * self.process_count
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        step, p = divmod(int(r), self.process_count)
+        out = np.empty((self.per_process, self.windows.seq_len + 1), np.int32)
+        for j in range(self.per_process):
+            self.windows.window((step * self.per_process + j) * self.process_count + p, out[j])
+        return {"input_ids": out}
+
+    def __repr__(self) -> str:
+        return f"BatchSource({self.windows!r}, per_process={self.per_process}, process_count={self.process_count})"
+
+
+def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, mode: str = "random",
+                seed: int = 0, process_index: int | None = None, process_count: int | None = None,
+                worker_count: int = 0, worker_buffer_size: int = 2, num_samples: int | None = None,
+                read_threads: int = 1) -> grain.DataLoader:
+    """A grain DataLoader yielding {"input_ids": int32 (global_batch_size // process_count, seq_len + 1)}.
+
+    process_index/process_count default to jax.process_index()/jax.process_count(). worker_count > 0
+    prefetches in that many worker processes (same batches as 0). `iter(loader)` gives an iterator with
+    `get_state() -> bytes` (JSON) and `set_state(bytes)`; a loader built with the same arguments and
+    restored from a state continues with exactly the next batch. Random modes never end (2**40 samples
+    unless num_samples); sequential ends after (total_tokens - 1) // seq_len // global_batch_size steps.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise DataPipelineError(f"process_index {process_index} outside [0, process_count={process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise DataPipelineError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                                f"process_count {process_count}")
+    if worker_count > 0:
+        from absl import flags
+
+        # grain's worker pool reads absl flags, which only absl.app parses; use their defaults otherwise.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+    source = WindowSource(index_dir, seq_len, mode, seed, num_samples)
+    if len(source) < global_batch_size:
+        raise DataPipelineError(f"{index_dir}: {len(source)} {mode} windows of {seq_len + 1} tokens, fewer "
+                                f"than one global batch of {global_batch_size}")
+    return grain.DataLoader(
+        data_source=BatchSource(source, global_batch_size, process_count),
+        sampler=grain.IndexSampler(num_records=(len(source) // global_batch_size) * process_count,
+                                   shard_options=grain.NoSharding(), shuffle=False, num_epochs=1, seed=seed),
+        worker_count=worker_count,
+        worker_buffer_size=worker_buffer_size,
+        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads * 2),
+    )
