@@ -1,8 +1,9 @@
 """Throughput of the data pipeline, printed as a markdown table (recorded in docs/benchmarks.md).
 
-  build   tokens/s of `build_index` with one worker process (= one core: the Rust tokenizer's own thread
-          pool is off) and with --workers; next to it the bare tokenizer on the same texts in memory,
-          which shows that build is limited by tokenisation, not by reading or writing.
+  build   tokens/s of `build_index` with one worker (= one core: the Rust tokenizer's own thread pool is
+          off) and with --build-workers; next to it the bare tokenizer on the same texts in memory,
+          which shows that build is limited by tokenisation, not by reading or writing. The parallel
+          row includes starting the worker processes (~1-2 s).
   loader  tokens/s of one process's grain loader at seq_len L (B windows of L+1 tokens a batch), per
           mode, over a synthetic index of random ids with Pile-like document lengths.
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -30,6 +32,20 @@ from data_pipeline.sources import read_documents  # noqa: E402
 from data_pipeline.tokenizer import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (pool workers): on a shared machine, tokens per
+    CPU-second is the figure that other jobs do not distort."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _timed(fn):
+    """(fn(), wall seconds, CPU seconds)."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    out = fn()
+    return out, time.perf_counter() - t0, _cpu_seconds() - c0
 
 
 def _corpus(path: Path, megabytes: int) -> int:
@@ -53,18 +69,16 @@ def _build_rows(work: Path, megabytes: int, workers: int) -> list[tuple]:
             continue
         tok = load_tokenizer(spec)
         batches = list(read_documents(src))
-        t0 = time.perf_counter()
-        n = sum(len(tok.encode_documents(b)[0]) for b in batches)
-        rows.append((f"tokenizer only, in memory ({name})", 1, n, time.perf_counter() - t0))
+        n, wall, cpu = _timed(lambda: sum(len(tok.encode_documents(b)[0]) for b in batches))
+        rows.append((f"tokenizer only, in memory ({name})", 1, n, wall, cpu))
         for w in sorted({1, workers}):
             # Two copies of the input, so that `workers` processes have one file each.
             inputs = [str(src)] + ([str(work / "corpus2.jsonl")] if w > 1 else [])
             if w > 1 and not Path(inputs[1]).exists():
                 os.link(src, inputs[1])
-            t0 = time.perf_counter()
-            m = build_index(inputs, spec, work / f"idx-{name}-{w}", workers=w, progress=False)
-            rows.append((f"build {size * len(inputs) >> 20} MB jsonl ({name})", w, m["total_tokens"],
-                         time.perf_counter() - t0))
+            m, wall, cpu = _timed(lambda: build_index(inputs, spec, work / f"idx-{name}-{w}", workers=w,
+                                                      progress=False))
+            rows.append((f"build {size * len(inputs) >> 20} MB jsonl ({name})", w, m["total_tokens"], wall, cpu))
     return rows
 
 
@@ -88,9 +102,9 @@ def _loader_rows(index: Path, seq_len: int, batch: int, steps: int, workers: int
             it = iter(make_loader(index, seq_len=seq_len, global_batch_size=batch, mode=mode, seed=0,
                                   process_index=0, process_count=1, worker_count=w))
             next(it)  # start-up (worker spawn, page-in of the offsets) is not throughput
-            t0 = time.perf_counter()
-            n = sum(next(it)["input_ids"].size for _ in range(steps))
-            rows.append((f"loader {mode}, L={seq_len}, B={batch}", w, n, time.perf_counter() - t0))
+            n, wall, cpu = _timed(lambda: sum(next(it)["input_ids"].size for _ in range(steps)))
+            # cpu: this process only (grain's worker processes are not reaped until the loader ends)
+            rows.append((f"loader {mode}, L={seq_len}, B={batch}", w, n, wall, cpu))
             del it
     return rows
 
@@ -102,20 +116,23 @@ def main(argv=None) -> None:
     p.add_argument("--loader-tokens", type=int, default=1 << 28, help="tokens of the synthetic index")
     p.add_argument("--seq-len", type=int, default=8192, help="window length L (records are L+1 tokens)")
     p.add_argument("--batch", type=int, default=8, help="windows per batch (one process)")
-    p.add_argument("--steps", type=int, default=200, help="batches timed per loader row")
+    p.add_argument("--steps", type=int, default=500, help="batches timed per loader row")
     p.add_argument("--loader-workers", type=int, default=2, help="worker_count of the prefetching rows")
     p.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         rows = _build_rows(work, args.build_mb, args.build_workers)
         rows += _loader_rows(_synthetic_index(work, args.loader_tokens), args.seq_len, args.batch, args.steps,
                              args.loader_workers)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    print("| what | workers | tokens | seconds | tokens/s | tokens/s per worker |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for what, w, n, sec in rows:
-        print(f"| {what} | {w} | {n:,} | {sec:.2f} | {n / sec / 1e6:.2f}M | {n / sec / max(w, 1) / 1e6:.2f}M |")
+    print(f"load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}")
+    print("| what | workers | tokens | wall s | tokens/s | tokens/s per worker | tokens per CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for what, w, n, wall, cpu in rows:
+        print(f"| {what} | {w} | {n:,} | {wall:.2f} | {n / wall / 1e6:.2f}M | {n / wall / max(w, 1) / 1e6:.2f}M "
+              f"| {n / cpu / 1e6:.2f}M |")
 
 
 if __name__ == "__main__":

@@ -6,18 +6,22 @@ Trainer API:
         batches {"input_ids": int32 (B // process_count, L + 1)}; iterator get_state()/set_state()
     ensure_bundled_corpus(dir) -> index dir (byte-tokenised pydoc topics, vocab 257, EOS 256)
     read_manifest(index_dir) -> dict (vocab_size, eos_id, total_tokens, ...)
+
+Names are imported on first use, so build worker processes do not pay for importing grain (and jax).
 """
 
-from .build import build_index, import_raw
-from .bundled import bundled_texts, ensure_bundled_corpus
-from .errors import DataPipelineError
-from .index import TokenIndex, read_manifest
-from .loader import MODES, BatchSource, WindowSource, make_loader
-from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from .verify import VerifyReport, verify_index
+import importlib
 
-__all__ = [
-    "MODES", "BatchSource", "ByteTokenizer", "DataPipelineError", "HFTokenizer", "TokenIndex", "VerifyReport", "WindowSource",
-    "build_index", "bundled_texts", "ensure_bundled_corpus", "import_raw", "load_tokenizer", "make_loader",
-    "read_manifest", "verify_index",
-]
+_MODULES = {
+    "build_index": "build", "import_raw": "build", "bundled_texts": "bundled", "ensure_bundled_corpus": "bundled",
+    "DataPipelineError": "errors", "TokenIndex": "index", "read_manifest": "index", "MODES": "loader",
+    "BatchSource": "loader", "WindowSource": "loader", "make_loader": "loader", "ByteTokenizer": "tokenizer",
+    "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer", "VerifyReport": "verify", "verify_index": "verify",
+}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
