@@ -115,7 +115,8 @@ def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, 
     """A grain DataLoader yielding {"input_ids": int32 (global_batch_size // process_count, seq_len + 1)}.
 
     process_index/process_count default to jax.process_index()/jax.process_count(). worker_count > 0
-    prefetches in that many worker processes (same batches as 0). `iter(loader)` gives an iterator with
+    prefetches in that many worker processes (same batches as 0); read_threads is grain's reading thread
+    count within a process (1 suffices at the measured rates, see docs/benchmarks.md). `iter(loader)` gives an iterator with
     `get_state() -> bytes` (JSON) and `set_state(bytes)`; a loader built with the same arguments and
     restored from a state continues with exactly the next batch. Random modes never end (2**40 samples
     unless num_samples); sequential ends after (total_tokens - 1) // seq_len // global_batch_size steps.
