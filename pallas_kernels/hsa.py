@@ -6,19 +6,24 @@
   "interpret"  the same Pallas kernels in interpret mode (CPU tests);
   "auto"       "pallas" on GPU, "xla" elsewhere.
 
-Kernel design (notation of reference.py: R = Q*G query rows share one retrieval row (n, b, e)):
-  forward  q-major, grid (row tiles, N*H). A tile is BM >= 16 rows of one retrieval row (the Q*G rows
-           are packed, then zero-padded up to BM, so any G or Q fills a matrix-unit tile). For each of
-           the K slots it gathers the chunk's (S, D) keys/values, runs one softmax over the chunk
-           (with sm_n in the denominator) and accumulates w * P V. It stores the per-(row, slot)
-           base-2 log-sum-exp for the backward.
-  dq       same grid; recomputes P from the stored LSE, Di = rowsum(P * dP) (= dO . O_k, which is
-           also d(weight) summed over the R rows), dS = w P (dP - Di), dq += dS K.
-  dk/dv    chunk-major, grid (C, N*H, splits): a reverse index (the (row, slot) pairs that selected
-           each chunk, CSR via one stable argsort) lets the program of chunk c visit only its own
-           pairs, so the work is O(N * Lq * HQ * K * S * D), linear in L, with no atomics. Each split
-           takes every `splits`-th block of a chunk's pairs and writes an fp32 partial; the partials
-           are summed in a fixed order, so results are bit-identical across runs.
+Kernel design (notation of reference.py: R = Q*G query rows share one retrieval row (n, b, e); a
+"pair" is one (retrieval row, slot)). The Q*G rows of a retrieval row are packed into a tile of BM >= 16
+rows (zero-padded up to BM), so any G or Q fills a matrix-unit tile.
+  reverse index  for each (n, e, chunk) the pairs that selected it, CSR via one sort (_reverse_index);
+           built once in the forward and reused by the backward.
+  forward  chunk-major, grid (C, N*H, splits): the program of chunk c loads its (S, D) keys/values once,
+           then for its pairs gathers the q rows, runs one softmax over the chunk (sm_n in the
+           denominator) and writes w * P V into the pair's own row of a partial array, plus the pair's
+           base-2 log-sum-exp. The K partials of a row are summed in fp32 outside. Gathering q rows
+           (R*D per pair) instead of chunks (2*S*D per pair) cuts the L2 traffic 8x at G=16, S=64;
+           the q-major forward (fwd_chunk_major=False, like dq below) is kept as a tuning option.
+  dq       q-major, grid (row tiles, N*H): per slot gathers the chunk, recomputes P from the LSE,
+           Di = rowsum(P * dP) (= dO . O_k, also d(weight) once summed over the R rows),
+           dS = w P (dP - Di), dq += dS K.
+  dk/dv    chunk-major like the forward: the program of chunk c visits only its own pairs, so the work
+           is O(N * Lq * HQ * K * S * D), linear in L, with no atomics. Each split takes every
+           `splits`-th step of a chunk's pairs and writes an fp32 partial; partials are summed in a
+           fixed order, so results are bit-identical across runs.
 """
 
 from __future__ import annotations
@@ -50,14 +55,17 @@ def resolve_impl(impl: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class KernelParams:
     """Tuning knobs of the Pallas kernels (defaults: H200 measurements in docs/benchmarks.md)."""
-    max_tile_rows: int = 128   # BM cap: rows per retrieval-row tile in fwd and dq
-    fwd_rows: int = 1          # retrieval rows per forward / dq program (looped)
+    max_tile_rows: int = 128   # BM cap: rows per retrieval-row tile
+    fwd_chunk_major: bool = True  # forward over the reverse index (else q-major, like dq)
+    fwd_pair_rows: int = 64    # chunk-major forward: target matrix rows (pairs x tile rows) per step
+    fwd_rows: int = 1          # q-major forward / dq: retrieval rows per program (looped)
     fwd_warps: int = 4
     fwd_stages: int = 2
-    dq_warps: int = 4
+    unroll_slots: bool = False  # q-major: unroll the K-slot loop
+    dq_warps: int = 2
     dq_stages: int = 2
-    dkv_rows: int = 64         # target matrix rows (pairs x tile rows) per dk/dv step
-    dkv_splits: int = 0        # 0: pick from the grid size (see _dkv_splits)
+    dkv_rows: int = 64         # dk/dv: target matrix rows per step
+    splits: int = 0            # programs per chunk in chunk-major kernels; 0: from the grid size
     dkv_warps: int = 4
     dkv_stages: int = 2
 
@@ -76,6 +84,7 @@ class _Dims:
     S: int
     scale: float
     sm_n: float
+    itemsize: int  # bytes per element of q/k/v
     params: KernelParams
     interpret: bool
 
@@ -113,7 +122,16 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
     return lax.dot_general(a, b, dims, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
-def _compiler_params(warps, stages):
+# Shared memory we plan tiles for: Hopper gives a block 227 KiB, and Triton adds scratch for layout
+# conversions on top of the pipelined tiles.
+SMEM_BUDGET = 160 * 1024
+
+
+def _compiler_params(warps, stages, fixed_bytes, stage_bytes):
+    """Triton params; the pipelining depth is cut while fixed + stages * stage_bytes of tiles would
+    overflow SMEM_BUDGET (large S * D, e.g. S=128 with D=256)."""
+    while stages > 1 and fixed_bytes + stages * stage_bytes > SMEM_BUDGET:
+        stages -= 1
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
@@ -196,6 +214,16 @@ def _row_tile_loop(dims: _Dims, body):
     lax.fori_loop(0, dims.params.fwd_rows, one_row, 0)
 
 
+def _slot_loop(dims: _Dims, one_slot, init):
+    """Folds one_slot(k, carry) over the K slots."""
+    if not dims.params.unroll_slots:
+        return lax.fori_loop(0, dims.K, one_slot, init)
+    carry = init
+    for kk in range(dims.K):
+        carry = one_slot(kk, carry)
+    return carry
+
+
 def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims):
     def body(n, e, ok_BM, qrow_BM, slot0, lseoff_BM):
         q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
@@ -217,7 +245,7 @@ def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _D
             plgpu.store(lse_ref.at[lseoff_BM + kk * dims.R], m_BM + jnp.log2(l_BM), mask=ok_BM)
             return acc_BMxDp + o_BMxDp * (w / l_BM)[:, None]
 
-        acc_BMxDp = lax.fori_loop(0, dims.K, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
+        acc_BMxDp = _slot_loop(dims, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
         _store_rows(o_ref, qrow_BM, acc_BMxDp, dims, ok_BM)
 
     _row_tile_loop(dims, body)
@@ -241,7 +269,7 @@ def _dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_
             ds_BMxS = (w * p_BMxS) * (dp_BMxS - di_BM[:, None])
             return dq_BMxDp + _dot(ds_BMxS.astype(k_SxDp.dtype), k_SxDp)
 
-        dq_BMxDp = lax.fori_loop(0, dims.K, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
+        dq_BMxDp = _slot_loop(dims, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
         _store_rows(dq_ref, qrow_BM, dq_BMxDp * dims.scale, dims, ok_BM)
 
     _row_tile_loop(dims, body)
@@ -250,85 +278,146 @@ def _dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_
 def _q_major_call(kernel, dims: _Dims, out_shape, warps, stages, name):
     grid = (pl.cdiv(dims.B, dims.params.fwd_rows) * dims.NR, dims.N * dims.H)
     return pl.pallas_call(functools.partial(kernel, dims=dims), grid=grid, out_shape=out_shape,
-                          compiler_params=_compiler_params(warps, stages),
+                          compiler_params=_compiler_params(
+                              warps, stages, fixed_bytes=2 * dims.BM * dims.Dp * dims.itemsize,
+                              stage_bytes=2 * dims.S * dims.Dp * dims.itemsize),
                           interpret=dims.interpret, name=name)
 
 
 # --------------------------------------------------------------------------------------------------
-# dk/dv: chunk-major over a reverse index. Grid (C, N*H, splits).
+# Chunk-major kernels (forward, dk/dv) over a reverse index. Grid (C, N*H, splits).
 
-def _dkv_pairs(dims: _Dims) -> int:
-    """(row, slot) pairs per dk/dv step: BP pairs x BM tile rows ~ dkv_rows matrix rows."""
-    return max(1, dims.params.dkv_rows // dims.BM)
+def _chunk_pairs(dims: _Dims, rows: int, tiles_per_stage: int) -> int:
+    """(row, slot) pairs per step: BP pairs x BM tile rows ~ `rows` matrix rows, fewer if the step's
+    tiles (tiles_per_stage of (BP*BM, Dp)) would not fit in shared memory next to the chunk's k, v."""
+    bp = max(1, rows // dims.BM)
+    while bp > 1 and sum(_chunk_smem(dims, bp, tiles_per_stage)) > SMEM_BUDGET:
+        bp //= 2
+    return bp
 
 
-def _dkv_splits(dims: _Dims) -> int:
+def _chunk_smem(dims: _Dims, bp: int, tiles_per_stage: int) -> tuple[int, int]:
+    """(fixed, per-stage) shared-memory bytes of a chunk-major kernel."""
+    return 2 * dims.S * dims.Dp * dims.itemsize, tiles_per_stage * bp * dims.BM * dims.Dp * dims.itemsize
+
+
+def _splits(dims: _Dims) -> int:
     """Programs per chunk. Causal retrieval picks early chunks far more often (chunk 0: ~S*K*ln(C)
-    pairs vs S*K on average), so with few chunks the busiest chunk's program would outlast the
-    rest; splitting keeps ~1024 programs in flight. Each split costs one fp32 (Lkv, D) partial."""
-    if dims.params.dkv_splits:
-        return dims.params.dkv_splits
-    return max(1, min(8, 1024 // (dims.C * dims.N * dims.H)))
+    pairs vs S*K on average, plus every invalid slot), so with few chunks the busiest chunk's program
+    would outlast the rest; splitting keeps ~1024 programs in flight."""
+    if dims.params.splits:
+        return dims.params.splits
+    return max(1, min(16, 1024 // (dims.C * dims.N * dims.H)))
 
 
-def _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims: _Dims):
-    """CSR of the pairs that selected each chunk. Returns (offsets (N*H*(C+1)+1,), pairs (N*H*B*K,)):
-    the pairs of (n, e, c) are pairs[offsets[s]:offsets[s+1]] with s = (n*H + e)*(C+1) + c, each pair
-    the flat index ((n*H + e)*B + b)*K + k. Zero-weight pairs (invalid slots) contribute nothing to
-    dk/dv and go to the unused bucket c = C."""
-    N, H, B, K, C = dims.N, dims.H, dims.B, dims.K, dims.C
-    c_NxHxBxK = jnp.where(w_NxBxHxK != 0, idx_NxBxHxK, C).transpose(0, 2, 1, 3)
-    key_P = (jnp.arange(N * H, dtype=jnp.int32)[:, None] * (C + 1) + c_NxHxBxK.reshape(N * H, B * K)).ravel()
-    pairs_P = jnp.argsort(key_P, stable=True).astype(jnp.int32)  # stable: a fixed summation order
-    counts = jnp.bincount(key_P, length=N * H * (C + 1))
+def _reverse_index(idx_NxBxHxK, dims: _Dims):
+    """CSR of the (row, slot) pairs that selected each chunk. Returns (offsets (N*H*C+1,), pairs
+    (N*H*B*K,)): the pairs of (n, e, c) are pairs[offsets[s]:offsets[s+1]], s = (n*H + e)*C + c, in
+    (row, slot) order (a fixed summation order: bit-identical results), each the flat index
+    ((n*H + e)*B + b)*K + k."""
+    N, H, BK, C = dims.N, dims.H, dims.B * dims.K, dims.C
+    seg_NHxBK = (jnp.arange(N * H, dtype=jnp.int32)[:, None] * C
+                 + idx_NxBxHxK.transpose(0, 2, 1, 3).reshape(N * H, BK))
+    if N * H * C * BK < 2**32:
+        # One sort of unique uint32 keys (segment, pair) is several times cheaper than argsort's
+        # key-value sort on GPU.
+        key = (seg_NHxBK.astype(jnp.uint32) * BK + jnp.arange(BK, dtype=jnp.uint32)[None, :]).ravel()
+        key = lax.sort(key)
+        pairs = ((key // BK) // C * BK + key % BK).astype(jnp.int32)
+    else:
+        pairs = jnp.argsort(seg_NHxBK.ravel(), stable=True).astype(jnp.int32)
+    counts = jnp.bincount(seg_NHxBK.ravel(), length=N * H * C)
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
-    return offsets, pairs_P
+    return offsets, pairs
 
 
-def _dkv_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-                dk_ref, dv_ref, *, dims: _Dims, splits: int):
+def _chunk_program(dims: _Dims, bp: int, splits: int, off_ref, pair_ref, w_ref, k_ref, v_ref,
+                   tile_fn, init):
+    """Body shared by the chunk-major kernels: loads chunk c's k, v once, then folds
+    tile_fn(carry, k, v, ok_M, qrow_M, lpos_M, w_M) over this split's steps of bp pairs (x NR tiles).
+    Rows M = (pair slot, tile row); qrow_M: q/dO rows; lpos_M: positions in the (N,H,B,K,R) LSE/Di.
+    Returns (carry, kvrow_S) with kvrow_S the k/v rows of the chunk."""
     c, ne, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n, e = ne // dims.H, ne % dims.H
-    BP = _dkv_pairs(dims)
-    seg = ne * (dims.C + 1) + c
+    seg = ne * dims.C + c
     start, end = off_ref[seg], off_ref[seg + 1]
-    my_steps = pl.cdiv(jnp.maximum(pl.cdiv(end - start, BP) - s, 0), splits)
-
+    my_steps = pl.cdiv(jnp.maximum(pl.cdiv(end - start, bp) - s, 0), splits)
     kvrow_S = _chunk_rows(dims, n, e, c)
     k_SxDp = _load_rows(k_ref, kvrow_S, dims)
     v_SxDp = _load_rows(v_ref, kvrow_S, dims)
-    # Matrix row m = (pair slot m // BM, tile row m % BM).
-    m_M = jnp.arange(BP * dims.BM)
+    m_M = jnp.arange(bp * dims.BM)
     slot_M, rr_M = m_M // dims.BM, m_M % dims.BM
 
     def one_step(i, carry):
-        dk_SxDp, dv_SxDp = carry
-        pos_M = start + (s + i * splits) * BP + slot_M
+        pos_M = start + (s + i * splits) * bp + slot_M
         pos_ok_M = pos_M < end
         pair_M = pair_ref[jnp.minimum(pos_M, end - 1)]
-        local_M = pair_M - ne * (dims.B * dims.K)
-        b_M = local_M // dims.K
+        b_M = (pair_M - ne * (dims.B * dims.K)) // dims.K
         w_M = w_ref[pair_M]
         for rc in range(dims.NR):  # tiles of a retrieval row (one unless Q*G > max_tile_rows)
             r_M = rc * dims.BM + rr_M
             ok_M = pos_ok_M & (r_M < dims.R)
             qrow_M = (n * dims.L + b_M * dims.Q + r_M // dims.G) * dims.HQ + e * dims.G + r_M % dims.G
-            q_MxDp = _load_rows(q_ref, qrow_M, dims, ok_M)
-            do_MxDp = _load_rows(do_ref, qrow_M, dims, ok_M)
-            lse_M = plgpu.load(lse_ref.at[pair_M * dims.R + r_M], mask=ok_M, other=0.0)
-            di_M = plgpu.load(di_ref.at[pair_M * dims.R + r_M], mask=ok_M, other=0.0)
-            p_MxS = jnp.exp2(_logits2(q_MxDp, k_SxDp, dims) - lse_M[:, None])
-            wp_MxS = jnp.where(ok_M, w_M, 0.0)[:, None] * p_MxS
-            dv_SxDp += _dot(wp_MxS.astype(do_MxDp.dtype), do_MxDp, trans_a=True)
-            ds_MxS = wp_MxS * (_dot(do_MxDp, v_SxDp, trans_b=True) - di_M[:, None])
-            dk_SxDp += _dot(ds_MxS.astype(q_MxDp.dtype), q_MxDp, trans_a=True)
+            # Masked rows get distinct out-of-range positions: a masked store must not alias a live
+            # row of the same store (interpret mode scatters masked lanes too).
+            lpos_M = jnp.where(ok_M, pair_M * dims.R + r_M, dims.N * dims.H * dims.B * dims.K * dims.R + m_M)
+            carry = tile_fn(carry, k_SxDp, v_SxDp, ok_M, qrow_M, lpos_M, jnp.where(ok_M, w_M, 0.0))
+        return carry
+
+    return lax.fori_loop(0, my_steps, one_step, init), kvrow_S
+
+
+def _fwd_chunk_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, part_ref, lse_ref, *,
+                      dims: _Dims, bp: int, splits: int):
+    """Writes w * O_k for every (row, slot) pair of chunk c into its own row of the partial array
+    (summed over slots outside), and the pair's LSE."""
+    def tile(carry, k_SxDp, v_SxDp, ok_M, qrow_M, lpos_M, w_M):
+        q_MxDp = _load_rows(q_ref, qrow_M, dims, ok_M)
+        x_MxS = _logits2(q_MxDp, k_SxDp, dims)
+        m_M = jnp.max(x_MxS, axis=1)
+        if dims.sm_n:  # the implicit extra logit 0 takes part in the max
+            m_M = jnp.maximum(m_M, 0.0)
+        p_MxS = jnp.exp2(x_MxS - m_M[:, None])
+        l_M = jnp.sum(p_MxS, axis=1)
+        if dims.sm_n:
+            l_M += dims.sm_n * jnp.exp2(-m_M)
+        o_MxDp = _dot(p_MxS.astype(v_SxDp.dtype), v_SxDp) * (w_M / l_M)[:, None]
+        _store_rows(part_ref, lpos_M, o_MxDp, dims, ok_M)
+        plgpu.store(lse_ref.at[lpos_M], m_M + jnp.log2(l_M), mask=ok_M)
+        return carry
+
+    _chunk_program(dims, bp, splits, off_ref, pair_ref, w_ref, k_ref, v_ref, tile, 0)
+
+
+def _dkv_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+                dk_ref, dv_ref, *, dims: _Dims, bp: int, splits: int):
+    """Accumulates chunk c's dk, dv over its pairs; writes split s's fp32 partial."""
+    def tile(carry, k_SxDp, v_SxDp, ok_M, qrow_M, lpos_M, w_M):
+        dk_SxDp, dv_SxDp = carry
+        q_MxDp = _load_rows(q_ref, qrow_M, dims, ok_M)
+        do_MxDp = _load_rows(do_ref, qrow_M, dims, ok_M)
+        lse_M = plgpu.load(lse_ref.at[lpos_M], mask=ok_M, other=0.0)
+        di_M = plgpu.load(di_ref.at[lpos_M], mask=ok_M, other=0.0)
+        wp_MxS = w_M[:, None] * jnp.exp2(_logits2(q_MxDp, k_SxDp, dims) - lse_M[:, None])
+        dv_SxDp += _dot(wp_MxS.astype(do_MxDp.dtype), do_MxDp, trans_a=True)
+        ds_MxS = wp_MxS * (_dot(do_MxDp, v_SxDp, trans_b=True) - di_M[:, None])
+        dk_SxDp += _dot(ds_MxS.astype(q_MxDp.dtype), q_MxDp, trans_a=True)
         return dk_SxDp, dv_SxDp
 
     zeros = jnp.zeros((dims.S, dims.Dp), jnp.float32)
-    dk_SxDp, dv_SxDp = lax.fori_loop(0, my_steps, one_step, (zeros, zeros))
-    prow_S = s * (dims.N * dims.Lkv * dims.H) + kvrow_S  # partial of split s
+    (dk_SxDp, dv_SxDp), kvrow_S = _chunk_program(dims, bp, splits, off_ref, pair_ref, w_ref, k_ref,
+                                                 v_ref, tile, (zeros, zeros))
+    prow_S = pl.program_id(2) * (dims.N * dims.Lkv * dims.H) + kvrow_S  # partial of split s
     _store_rows(dk_ref, prow_S, dk_SxDp * dims.scale, dims)
     _store_rows(dv_ref, prow_S, dv_SxDp, dims)
+
+
+def _chunk_major_call(kernel, dims: _Dims, out_shape, rows, tiles_per_stage, warps, stages, name):
+    bp, splits = _chunk_pairs(dims, rows, tiles_per_stage), _splits(dims)
+    return pl.pallas_call(
+        functools.partial(kernel, dims=dims, bp=bp, splits=splits), grid=(dims.C, dims.N * dims.H, splits),
+        out_shape=out_shape, compiler_params=_compiler_params(warps, stages, *_chunk_smem(dims, bp, tiles_per_stage)),
+        interpret=dims.interpret, name=name), splits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,53 +427,73 @@ def _flat_rows(x):
     return x.reshape(-1, x.shape[-1])
 
 
-def _forward(q, k, v, w_NxBxHxK, idx_NxBxHxK, dims: _Dims):
-    """Returns o (N, L, HQ, D) and the base-2 LSE (N*H*B*K*R,) fp32."""
+def _forward(q, k, v, w_NxBxHxK, idx_NxBxHxK, index, dims: _Dims):
+    """Returns o (N, L, HQ, D) and the base-2 LSE per (row, slot), (N*H*B*K*R,) fp32. `index` is the
+    reverse index (used by the chunk-major forward)."""
+    p = dims.params
+    lse_shape = jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32)
+    if not p.fwd_chunk_major:
+        o_shape = jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype)
+        o, lse = _q_major_call(_fwd_kernel, dims, (o_shape, lse_shape), p.fwd_warps, p.fwd_stages, "hsa_fwd")(
+            idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v))
+        return o.reshape(q.shape), lse
+    # Chunk-major: each (row, slot) pair's w * O_k lands in its own row, so the gathers are of q rows
+    # (R*D per pair) instead of whole k/v chunks (2*S*D per pair); slots are summed here in fp32.
+    part_shape = jax.ShapeDtypeStruct(lse_shape.shape + (dims.D,), q.dtype)
+    call, _ = _chunk_major_call(_fwd_chunk_kernel, dims, (part_shape, lse_shape), p.fwd_pair_rows, 1,
+                                p.fwd_warps, p.fwd_stages, "hsa_fwd_chunk")
+    part, lse = call(*index, w_NxBxHxK.transpose(0, 2, 1, 3).ravel(), _flat_rows(q), _flat_rows(k),
+                     _flat_rows(v))
+    N, H, B, K, Q, G, D = dims.N, dims.H, dims.B, dims.K, dims.Q, dims.G, dims.D
+    o_NxHxBxQxGxD = part.reshape(N, H, B, K, Q, G, D).astype(jnp.float32).sum(axis=3)
+    return o_NxHxBxQxGxD.transpose(0, 2, 3, 1, 4, 5).reshape(q.shape).astype(q.dtype), lse
+
+
+def _dq(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
+    """Returns dq (N, L, HQ, D) and Di = dO . O_k per (row, slot), (N*H*B*K*R,) fp32."""
     p = dims.params
     out_shape = (jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype),
                  jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32))
-    o, lse = _q_major_call(_fwd_kernel, dims, out_shape, p.fwd_warps, p.fwd_stages, "hsa_fwd")(
-        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v))
-    return o.reshape(q.shape), lse
-
-
-def _backward(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
-    p = dims.params
-    N, H, B, K, R = dims.N, dims.H, dims.B, dims.K, dims.R
-    out_shape = (jax.ShapeDtypeStruct((N * dims.L * dims.HQ, dims.D), q.dtype),
-                 jax.ShapeDtypeStruct((N * H * B * K * R,), jnp.float32))
     dq, di = _q_major_call(_dq_kernel, dims, out_shape, p.dq_warps, p.dq_stages, "hsa_dq")(
         idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v),
         _flat_rows(do), lse)
-    dw_NxHxBxK = di.reshape(N, H, B, K, R).sum(axis=-1)
+    return dq.reshape(q.shape), di
 
-    splits = _dkv_splits(dims)
-    offsets, pairs = _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims)
-    part = jax.ShapeDtypeStruct((splits * N * dims.Lkv * H, dims.D), jnp.float32)
-    dk_part, dv_part = pl.pallas_call(
-        functools.partial(_dkv_kernel, dims=dims, splits=splits), grid=(dims.C, N * H, splits),
-        out_shape=(part, part), compiler_params=_compiler_params(p.dkv_warps, p.dkv_stages),
-        interpret=dims.interpret, name="hsa_dkdv")(
-        offsets, pairs, w_NxBxHxK.transpose(0, 2, 1, 3).ravel(), _flat_rows(q), _flat_rows(k),
-        _flat_rows(v), _flat_rows(do), lse, di)
+
+def _dkv(q, k, v, w_NxBxHxK, index, lse, di, do, dims: _Dims):
+    """Returns dk, dv (N, Lkv, H, D): chunk-major kernel over the reverse index, split partials summed."""
+    p = dims.params
+    part = jax.ShapeDtypeStruct((_splits(dims) * dims.N * dims.Lkv * dims.H, dims.D), jnp.float32)
+    call, splits = _chunk_major_call(_dkv_kernel, dims, (part, part), p.dkv_rows, 2, p.dkv_warps,
+                                     p.dkv_stages, "hsa_dkdv")
+    dk_part, dv_part = call(*index, w_NxBxHxK.transpose(0, 2, 1, 3).ravel(), _flat_rows(q), _flat_rows(k),
+                            _flat_rows(v), _flat_rows(do), lse, di)
     dk = dk_part.reshape(splits, *k.shape).sum(axis=0).astype(k.dtype)
     dv = dv_part.reshape(splits, *v.shape).sum(axis=0).astype(v.dtype)
-    return dq.reshape(q.shape), dk, dv, dw_NxHxBxK.transpose(0, 2, 1, 3)
+    return dk, dv
+
+
+def _backward(q, k, v, w_NxBxHxK, idx_NxBxHxK, index, lse, do, dims: _Dims):
+    dq, di = _dq(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims)
+    dk, dv = _dkv(q, k, v, w_NxBxHxK, index, lse, di, do, dims)
+    dw_NxHxBxK = di.reshape(dims.N, dims.H, dims.B, dims.K, dims.R).sum(axis=-1)
+    return dq, dk, dv, dw_NxHxBxK.transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _hsa_pallas(q, k, v, w, idx, dims: _Dims):
-    return _forward(q, k, v, w.astype(jnp.float32), idx, dims)[0]
+    return _hsa_pallas_fwd(q, k, v, w, idx, dims)[0]
 
 
 def _hsa_pallas_fwd(q, k, v, w, idx, dims: _Dims):
-    o, lse = _forward(q, k, v, w.astype(jnp.float32), idx, dims)
-    return o, (q, k, v, w, idx, lse)
+    index = _reverse_index(idx, dims)
+    o, lse = _forward(q, k, v, w.astype(jnp.float32), idx, index, dims)
+    return o, (q, k, v, w, idx, index, lse)
 
 
 def _hsa_pallas_bwd(dims: _Dims, res, do):
-    q, k, v, w, idx, lse = res
-    dq, dk, dv, dw = _backward(q, k, v, w.astype(jnp.float32), idx, lse, do.astype(q.dtype), dims)
+    q, k, v, w, idx, index, lse = res
+    dq, dk, dv, dw = _backward(q, k, v, w.astype(jnp.float32), idx, index, lse, do.astype(q.dtype), dims)
     return dq, dk, dv, dw.astype(w.dtype), None
 
 
@@ -401,7 +510,7 @@ def make_dims(q, k, weights, *, chunk_size: int, sm_n: float = 0.0, scale: float
         raise ValueError(f"hsa_attention(impl=pallas): chunk_size={chunk_size} must be a power of two >= 16")
     return _Dims(N=N, L=L, HQ=HQ, D=D, Lkv=Lkv, H=H, B=B, K=K, S=chunk_size,
                  scale=1.0 / math.sqrt(D) if scale is None else float(scale), sm_n=float(sm_n),
-                 params=params, interpret=interpret)
+                 itemsize=jnp.dtype(q.dtype).itemsize, params=params, interpret=interpret)
 
 
 def hsa_attention_pallas(q, k, v, weights, indices, *, chunk_size: int, sm_n: float = 0.0,

@@ -1,0 +1,307 @@
+"""GPU benchmark of the HSA op: Pallas kernels vs the XLA reference vs cuDNN dense causal attention.
+
+Run on a GPU machine from the repository root, e.g.
+    PYTHONPATH=. python3 benchmarks/hsa_kernel.py --out /tmp/hsa_bench
+It first checks the Pallas op against the reference on the GPU (fp32 and bf16, every kernel path) and
+that its gradients are bit-identical across runs, then times each shape (bf16, causal random
+indices) and prints a markdown table. Only jax and pallas_kernels are imported.
+
+FLOPs: 4*Z*L*HQ*K*S*D per HSA forward (QK^T and PV over K chunks of S keys); dense causal attention
+counts 4*Z*L*(L/2)*HQ*D. fwd+bwd counts 3.5x the forward (2 matmuls forward, 5 backward), the
+FlashAttention convention, for every implementation alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import hsa
+from pallas_kernels.hsa import KernelParams, hsa_attention, hsa_attention_pallas
+
+# (Z, L, HQ, H, D, K, S): the shapes of issue #3.
+DEFAULT_SHAPES = ["1,8192,16,1,64,8,64", "4,8192,16,1,64,8,64", "1,32768,16,1,64,8,64",
+                  "1,8192,32,2,128,8,64", "1,131072,16,1,64,8,64"]
+# Small cases that exercise every kernel path on the GPU: padded tiles (G*Q < 16), several tiles per
+# row, masked head_dim, sm_n, batch, Lq != multiple of the program's rows, fp32 (IEEE dots) and bf16.
+# (Z, L, Lkv, HQ, H, D, K, S, Q, sm_n, dtype)
+CHECK_CASES = [
+    (1, 2048, 2048, 16, 1, 64, 8, 64, 1, 0.0, "float32"),
+    (2, 1024, 1024, 8, 2, 128, 4, 32, 1, 1.0, "float32"),
+    (1, 1000, 1024, 1, 1, 48, 3, 64, 1, 0.0, "float32"),
+    (1, 512, 512, 32, 2, 32, 32, 16, 8, 1.0, "float32"),
+    (1, 2048, 2048, 16, 1, 64, 8, 64, 1, 0.0, "bfloat16"),
+    (2, 1024, 2048, 4, 1, 256, 8, 128, 2, 1.0, "bfloat16"),
+]
+# KernelParams overrides timed by --sweep (each row times the index, fwd, dq and dk/dv pieces).
+SWEEP = [dict(), dict(fwd_chunk_major=False, fwd_warps=2), dict(fwd_chunk_major=False, fwd_warps=2, fwd_stages=3),
+         dict(fwd_pair_rows=32), dict(fwd_pair_rows=128), dict(fwd_warps=2), dict(fwd_warps=8), dict(fwd_stages=1),
+         dict(fwd_stages=3), dict(dq_warps=4), dict(dq_warps=1), dict(dq_stages=3), dict(dkv_rows=128),
+         dict(splits=4), dict(splits=32)]
+
+
+def time_ms(fn, *args, target_s=0.3, trials=7):
+    """Median per-call time: each trial enqueues enough back-to-back calls to fill target_s/trials
+    (so host sync and dispatch gaps amortise), then waits for the device."""
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    calls = max(1, int(target_s / trials / max(time.perf_counter() - t0, 1e-6)))
+    samples = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / calls)
+    return 1e3 * statistics.median(samples)
+
+
+def causal_indices(key, Z, L, Lkv, H, K, S, correlated=False):
+    """Retrieval as the model makes it: token t sees the chunks fully before its own chunk, picks K of
+    them (random scores, or with `correlated` one score vector per 64-token span plus small per-token
+    noise, so neighbours share most chunks), sorted most-recent first; missing slots get index 0 and
+    weight 0. Returns weights (Z, L, H, K) fp32 and indices (Z, L, H, K) int32."""
+    C = Lkv // S
+    k_score, k_noise, k_w = jax.random.split(key, 3)
+    if correlated:
+        span = jax.random.uniform(k_score, (Z, pl_cdiv(L, 64), H, C))
+        score_ZxLxHxC = jnp.repeat(span, 64, axis=1)[:, :L] + 0.05 * jax.random.uniform(k_noise, (Z, L, H, C))
+    else:
+        score_ZxLxHxC = jax.random.uniform(k_score, (Z, L, H, C))
+    visible = jnp.arange(C)[None, None, None, :] < (jnp.arange(L) // S)[None, :, None, None]
+    top, idx = jax.lax.top_k(jnp.where(visible, score_ZxLxHxC, -jnp.inf), K)
+    idx = jnp.where(top > -jnp.inf, idx, -1)
+    idx = -jnp.sort(-idx, axis=-1)  # most recent chunk first, invalid (-1) last
+    w = jnp.where(idx >= 0, jax.random.uniform(k_w, idx.shape, minval=0.05), 0.0)
+    w = w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+    return w.astype(jnp.float32), jnp.maximum(idx, 0).astype(jnp.int32)
+
+
+def pl_cdiv(a, b):
+    return -(-a // b)
+
+
+def make_inputs(key, Z, L, Lkv, HQ, H, D, K, S, dtype, correlated=False):
+    kq, kk, kv, kd, ki = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (Z, L, HQ, D), dtype)
+    k = jax.random.normal(kk, (Z, Lkv, H, D), dtype)
+    v = jax.random.normal(kv, (Z, Lkv, H, D), dtype)
+    do = jax.random.normal(kd, (Z, L, HQ, D), dtype)
+    w, idx = causal_indices(ki, Z, L, Lkv, H, K, S, correlated)
+    return q, k, v, w, idx, do
+
+
+def fwd_and_grad_fns(op):
+    """jit'd forward and forward+backward (all of dq, dk, dv, dw) of op(q, k, v, w, idx)."""
+    fwd = jax.jit(op)
+
+    @jax.jit
+    def fwd_bwd(q, k, v, w, idx, do):
+        o, vjp = jax.vjp(lambda q, k, v, w: op(q, k, v, w, idx), q, k, v, w)
+        return o, vjp(do)
+    return fwd, fwd_bwd
+
+
+@jax.jit
+def rel_err(a, b):
+    """max |a - b| / max |b| in fp32 on the device (NaN anywhere gives NaN)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)
+
+
+def check_case(case, key, params):
+    Z, L, Lkv, HQ, H, D, K, S, Q, sm_n, dtype = case
+    q, k, v, w, idx, do = make_inputs(key, Z, L, Lkv, HQ, H, D, K, S, jnp.dtype(dtype))
+    w, idx = w[:, ::Q], idx[:, ::Q]  # block-level retrieval: Q queries share a row
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    errs = {}
+    with jax.default_matmul_precision("highest"):  # fp32 reference without TF32
+        outs = {}
+        for name, op in (("pallas", functools.partial(hsa_attention_pallas, params=params)),
+                         ("xla", functools.partial(hsa_attention, impl="xla"))):
+            _, fb = fwd_and_grad_fns(functools.partial(op, chunk_size=S, sm_n=sm_n))
+            o, grads = fb(q, k, v, w, idx, do)
+            outs[name] = (o, *grads)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), outs["pallas"], outs["xla"]):
+        errs[name] = float(rel_err(a, b))
+    ok = all(e <= tol for e in errs.values())  # NaN compares False
+    return ok, errs
+
+
+def check_deterministic(shape, key, params):
+    Z, L, HQ, H, D, K, S = shape
+    q, k, v, w, idx, do = make_inputs(key, Z, L, L, HQ, H, D, K, S, jnp.bfloat16)
+    _, fb = fwd_and_grad_fns(functools.partial(hsa_attention_pallas, chunk_size=S, params=params))
+    first = jax.tree.leaves(fb(q, k, v, w, idx, do))
+    for _ in range(3):
+        again = jax.tree.leaves(fb(q, k, v, w, idx, do))
+        if not all(bool(jnp.array_equal(a, b)) for a, b in zip(first, again)):
+            return False
+    return True
+
+
+def bench_shape(shape, key, impls, params, correlated=False):
+    """Median fwd and fwd+bwd ms of each impl on bf16 inputs; a row dict."""
+    Z, L, HQ, H, D, K, S = shape
+    q, k, v, w, idx, do = make_inputs(key, Z, L, L, HQ, H, D, K, S, jnp.bfloat16, correlated)
+    row = {"shape": shape}
+    for impl in impls:
+        if impl == "cudnn":
+            op = lambda q, k, v, w, idx: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                      implementation="cudnn")
+        elif impl == "pallas":
+            op = functools.partial(hsa_attention_pallas, chunk_size=S, params=params)
+        else:
+            op = functools.partial(hsa_attention, chunk_size=S, impl="xla")
+        fwd, fb = fwd_and_grad_fns(op)
+        row[impl] = (time_ms(fwd, q, k, v, w, idx), time_ms(fb, q, k, v, w, idx, do))
+    return row
+
+
+def breakdown(shape, key, params):
+    """ms of each piece of the Pallas op: reverse index, forward kernel (+ slot sum), dq kernel, dk/dv
+    kernel (+ split sum)."""
+    Z, L, HQ, H, D, K, S = shape
+    q, k, v, w, idx, do = make_inputs(key, Z, L, L, HQ, H, D, K, S, jnp.bfloat16)
+    dims = hsa.make_dims(q, k, w, chunk_size=S, params=params)
+    rev = jax.jit(lambda idx: hsa._reverse_index(idx, dims))
+    index = rev(idx)
+    fwd = jax.jit(lambda *a: hsa._forward(*a, dims))
+    o, lse = fwd(q, k, v, w, idx, index)
+    dq = jax.jit(lambda *a: hsa._dq(*a, dims))
+    _, di = dq(q, k, v, w, idx, lse, do)
+    return {"rev_index": time_ms(rev, idx),
+            "fwd": time_ms(fwd, q, k, v, w, idx, index),
+            "dq": time_ms(dq, q, k, v, w, idx, lse, do),
+            "dkdv": time_ms(jax.jit(lambda *a: hsa._dkv(*a, dims)), q, k, v, w, index, lse, di, do)}
+
+
+def flops_fwd(shape):
+    Z, L, HQ, H, D, K, S = shape
+    return 4 * Z * L * HQ * K * S * D
+
+
+def flops_dense_fwd(shape):
+    Z, L, HQ, H, D, K, S = shape
+    return 4 * Z * L * (L / 2) * HQ * D
+
+
+def markdown_table(rows, impls):
+    head = "| shape (Z, L, HQ, H, D, K, S) | " + " | ".join(
+        f"{i} fwd ms | {i} fwd+bwd ms | {i} fwd TFLOP/s | {i} fwd+bwd TFLOP/s" for i in impls) + " |"
+    lines = [head, "|" + "---|" * (1 + 4 * len(impls))]
+    for r in rows:
+        cells = []
+        for i in impls:
+            f, fb = r[i]
+            fl = flops_dense_fwd(r["shape"]) if i == "cudnn" else flops_fwd(r["shape"])
+            cells += [f"{f:.3f}", f"{fb:.3f}", f"{fl / f / 1e9:.1f}", f"{3.5 * fl / fb / 1e9:.1f}"]
+        lines.append(f"| {', '.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def growth(rows, impls):
+    """fwd+bwd time ratios 8K -> 32K -> 128K for the (1, L, 16, 1, 64, 8, 64) shapes."""
+    by_len = {r["shape"][1]: r for r in rows if r["shape"][0] == 1 and r["shape"][2:] == (16, 1, 64, 8, 64)}
+    out = []
+    if all(L in by_len for L in (8192, 32768, 131072)):
+        for i in impls:
+            t = [by_len[L][i][1] for L in (8192, 32768, 131072)]
+            out.append(f"{i}: fwd+bwd {t[0]:.3f} -> {t[1]:.3f} -> {t[2]:.3f} ms, "
+                       f"x{t[1] / t[0]:.2f} (8K->32K, 4x length), x{t[2] / t[1]:.2f} (32K->128K, 4x length)")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
+                    help="shapes to time, each 'Z,L,HQ,H,D,K,S' (default: the five of issue #3)")
+    ap.add_argument("--impls", default="pallas,xla,cudnn",
+                    help="comma list of implementations to time: pallas, xla (reference), cudnn (dense causal)")
+    ap.add_argument("--params", default="{}",
+                    help="JSON dict of KernelParams overrides for the Pallas op, e.g. '{\"fwd_warps\": 2}'")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the GPU correctness and determinism checks before timing")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the KernelParams variants in SWEEP (fwd, dq, dk/dv pieces) "
+                         "on the first shape and on --sweep-shape")
+    ap.add_argument("--sweep-shape", default="",
+                    help="optional second shape 'Z,L,HQ,H,D,K,S' for --sweep (default: the first shape only)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time the pieces of the Pallas op (reverse index, fwd, dq, dk/dv) per shape")
+    ap.add_argument("--correlated", action="store_true",
+                    help="also time the Pallas op with correlated indices (neighbouring tokens share chunks)")
+    ap.add_argument("--out", default=None, help="directory for results.json and table.md")
+    args = ap.parse_args()
+
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    impls = args.impls.split(",")
+    params = KernelParams(**json.loads(args.params))
+    key = jax.random.key(int(time.time()))  # fresh inputs every run
+    dev = jax.devices()[0]
+    print(f"# device: {dev.device_kind}; jax {jax.__version__}; params {params}", flush=True)
+    results = {"device": dev.device_kind, "params": dataclasses.asdict(params)}
+
+    if not args.no_check:
+        checks = []
+        for case in CHECK_CASES:
+            key, sub = jax.random.split(key)
+            ok, errs = check_case(case, sub, params)
+            checks.append({"case": case, "ok": ok, "rel_err": errs})
+            print(f"check {case}: {'OK' if ok else 'FAIL'} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()),
+                  flush=True)
+        key, sub = jax.random.split(key)
+        det = check_deterministic(shapes[0], sub, params)
+        print(f"bit-identical fwd+bwd over 4 runs at {shapes[0]}: {det}", flush=True)
+        results.update(checks=checks, deterministic=det)
+        if not det or not all(c["ok"] for c in checks):
+            raise SystemExit("correctness check failed: not timing")
+
+    if args.sweep:
+        sweep = []
+        extra = [tuple(int(x) for x in args.sweep_shape.split(","))] if args.sweep_shape else []
+        for shape in [shapes[0], *extra]:
+            for over in SWEEP:
+                key, sub = jax.random.split(key)
+                t = breakdown(shape, sub, dataclasses.replace(params, **over))
+                sweep.append({"shape": shape, "override": over, **t})
+                print(f"sweep {shape} {over}: " + " ".join(f"{k}={v:.4f}" for k, v in t.items()), flush=True)
+        results["sweep"] = sweep
+
+    rows = []
+    for shape in shapes:
+        key, sub = jax.random.split(key)
+        row = bench_shape(shape, sub, impls, params)
+        if args.breakdown:
+            row["breakdown"] = breakdown(shape, sub, params)
+        if args.correlated:
+            row["pallas_correlated"] = bench_shape(shape, sub, ["pallas"], params, correlated=True)["pallas"]
+        rows.append(row)
+        print(f"timed {shape}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "shape"), flush=True)
+    results["rows"] = rows
+    table = markdown_table(rows, impls)
+    lines = [table, *growth(rows, impls)]
+    if args.correlated:
+        lines += [f"pallas, correlated indices, {r['shape']}: fwd {r['pallas_correlated'][0]:.3f} ms, "
+                  f"fwd+bwd {r['pallas_correlated'][1]:.3f} ms" for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
