@@ -45,13 +45,15 @@ class SWAHSAForCausalLM(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.initializer_range, rngs=rngs,
             dtype=param_dtype)
 
-    def __call__(self, input_ids_NxT, *, train: bool = False, rng=None, return_hidden: bool = False):
+    def __call__(self, input_ids_NxT, *, train: bool = False, rng=None, return_hidden: bool = False,
+                 remat: bool = False):
         """Training-mode forward over whole chunks (T % chunk_size == 0). -> logits (N, T, V) fp32.
 
         train: enables the stochastic parts the config asks for (Gumbel retrieval noise, encoder
         dropout); they draw from `rng`, which must then be given. With return_hidden, also returns a
         dict: "hidden_states" (the output of every backbone layer, then norm_f's), "chunking"
-        (mem_k, mem_v, landmarks) and "retrieval" (per group: weights, indices).
+        (mem_k, mem_v, landmarks) and "retrieval" (per group: weights, indices). remat: recompute
+        each SWA block and HSA layer in the backward pass instead of keeping its activations.
         """
         cfg = self.cfg
         N, T = input_ids_NxT.shape
@@ -67,9 +69,10 @@ class SWAHSAForCausalLM(nnx.Module):
         positions_T = jnp.arange(T)
         cos, sin = rope_cos_sin(positions_T[None], cfg.head_dim, cfg.rope_theta, dtype)
         hidden, captured, retrievals = [], {}, []
+        checkpoint = nnx.remat if remat else (lambda f: f)
         for i, layer in enumerate(self.backbone.layers):
             if isinstance(layer, TransformerBlock):
-                h = layer(h, cos, sin, window=cfg.sliding_window)
+                h = checkpoint(lambda lyr, h: lyr(h, cos, sin, window=cfg.sliding_window))(layer, h)
             elif isinstance(layer, ChunkingLayer):
                 mem_k, mem_v, lmk = layer(h, dropout_rng=layer_rng(i) if cfg.encoder_dropout else None)
                 captured["chunking"] = {"mem_k": mem_k, "mem_v": mem_v, "landmarks": lmk}
@@ -78,7 +81,7 @@ class SWAHSAForCausalLM(nnx.Module):
                 weights, indices = layer(h, lmk, positions_T, noise_rng=noise)
                 retrievals.append({"chunk_weights": weights, "indices": indices})
             else:
-                h = layer(h, mem_k, mem_v, weights, indices, cos, sin)
+                h = checkpoint(lambda lyr, h, *mem: lyr(h, *mem, cos, sin))(layer, h, mem_k, mem_v, weights, indices)
             hidden.append(h)
         h = self.backbone.norm_f(h)
         hidden.append(h)

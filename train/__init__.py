@@ -1,0 +1,1 @@
+"""Sharded pre-training loop (`hsa-train`): config, mesh and sharding, train step, checkpoints, metrics."""

@@ -1,0 +1,169 @@
+"""Run configuration: typed sections loaded from YAML, overridable as key=value on the command line.
+
+    model:  SWAHSAConfig fields (original HF-style names)
+    data:   token index and batch shape
+    optim:  AdamW, warmup + cosine decay to a floor, clipping, gradient accumulation
+    mesh:   device mesh axes (data, fsdp, tensor); -1 fills with the remaining devices
+    run:    workdir, steps, cadence of logs/evals/checkpoints, seed, precision policy
+
+An override is `section.field=value` or just `field=value` when the field name is unique across
+sections (`steps=100`, `workdir=/tmp/run`, `model.hidden_size=256`). Values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import yaml
+
+from hsa_jax.config import ConfigError, SWAHSAConfig
+
+DATA_MODES = ("random", "across_docs", "sequential")
+NAN_POLICIES = ("skip", "stop")
+REMAT_POLICIES = ("none", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    index: str = "bundled"  # a token index dir (hsa-preprocess build), or "bundled" (pydoc corpus)
+    eval_index: str | None = None  # default: the training index
+    seq_len: int = 256  # model input length L; batches hold L + 1 tokens (inputs and shifted labels)
+    global_batch_size: int = 8
+    mode: str = "random"
+    worker_count: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.001
+    warmup_ratio: float = 0.02
+    min_lr_ratio: float = 0.2  # cosine decays to min_lr_ratio * lr
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    workdir: str = "runs/default"
+    steps: int = 300
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    nan_policy: str = "skip"
+    remat: str = "none"
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "run": RunConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: SWAHSAConfig
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self):
+        d, o, r, m = self.data, self.optim, self.run, self.mesh
+        _require(d.mode in DATA_MODES, "data.mode", d.mode, f"one of {DATA_MODES}")
+        _require(d.seq_len > 0 and d.seq_len % self.model.chunk_size == 0, "data.seq_len", d.seq_len,
+                 f"a positive multiple of model.chunk_size={self.model.chunk_size}")
+        _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "> 0")
+        _require(o.grad_accum > 0 and d.global_batch_size % o.grad_accum == 0, "optim.grad_accum", o.grad_accum,
+                 f"a positive divisor of data.global_batch_size={d.global_batch_size}")
+        _require(o.lr > 0, "optim.lr", o.lr, "> 0")
+        _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "in [0, 1)")
+        _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+        _require(o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0")
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+            _require(isinstance(getattr(r, name), int) and getattr(r, name) > 0, f"run.{name}", getattr(r, name),
+                     "a positive integer")
+        _require(r.nan_policy in NAN_POLICIES, "run.nan_policy", r.nan_policy, f"one of {NAN_POLICIES}")
+        _require(r.remat in REMAT_POLICIES, "run.remat", r.remat, f"one of {REMAT_POLICIES}")
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(m, name)
+            _require(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{name}", v, "a positive integer or -1")
+        _require([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh", dataclasses.asdict(m), "at most one axis = -1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), **{k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS}}
+
+
+def _require(ok, field, value, allowed):
+    if not ok:
+        raise ConfigError(f"config field {field}={value!r} is invalid: must be {allowed}")
+
+
+def _build(raw: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(raw) - {"model", *SECTIONS})
+    if unknown:
+        raise ConfigError(f"unknown config sections {unknown}; allowed: {['model', *SECTIONS]}")
+    if "model" not in raw:
+        raise ConfigError("config has no 'model' section")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - fields)
+        if bad:
+            raise ConfigError(f"unknown fields {bad} in section '{name}'; allowed: {sorted(fields)}")
+        sections[name] = cls(**values)
+    model = SWAHSAConfig.from_dict(raw["model"])
+    return TrainConfig(model=model, **sections)
+
+
+def _field_owner(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, field = key.split(".", 1)
+        return section, field
+    owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if key in {f.name for f in dataclasses.fields(SWAHSAConfig)}:
+        owners.append("model")
+    if len(owners) != 1:
+        where = f"found in sections {owners}" if owners else "no section has it"
+        raise ConfigError(f"override '{key}': {where}; write it as section.{key}")
+    return owners[0], key
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        section, field = _field_owner(key.strip())
+        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Loads a YAML run config (None: the embedded default, configs/tiny.yaml) and applies overrides."""
+    path = pathlib.Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read run config {path}: {e}") from e
+    try:
+        return _build(apply_overrides(raw, list(overrides)))
+    except TypeError as e:  # a dataclass got a field of the wrong kind
+        raise ConfigError(f"{path}: {e}") from e
+
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"

@@ -1,0 +1,63 @@
+"""Device mesh and logical-axis sharding rules (MaxText style).
+
+Parameters carry logical axis names (hsa_jax/layers.py); RULES maps each name to a mesh axis.
+An axis whose size does not divide the dimension is left replicated for that parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hsa_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+RULES = {
+    "embed": "fsdp",
+    "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor", "retrieval": "tensor",
+    "head_dim": None, "norm": None, None: None,
+}
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one axis may be -1 (fill)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                          f"{len(devices)} are available; set one axis to -1 to fill")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def spec_for(shape, logical_axes, mesh: Mesh) -> P:
+    axes = tuple(logical_axes) if logical_axes else (None,) * len(shape)
+    out = []
+    for dim, name in zip(shape, axes):
+        mesh_axis = RULES.get(name)
+        out.append(mesh_axis if mesh_axis and dim % mesh.shape[mesh_axis] == 0 else None)
+    return P(*out)
+
+
+def param_shardings(params: nnx.State, mesh: Mesh):
+    """NamedSharding for every parameter, from its `logical_axes` metadata."""
+    def one(var):
+        return var.replace(NamedSharding(mesh, spec_for(var.shape, getattr(var, "logical_axes", None), mesh)))
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,105 @@
+"""Optimizer, loss and the jitted train/eval steps.
+
+TrainState = {"params": nnx.State (fp32 master weights), "opt_state": optax state, "step": int32}.
+The model computes in `model.dtype` (bf16 for real runs) from the fp32 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train.config import OptimConfig, TrainConfig
+
+IGNORE_INDEX = -100  # label id excluded from the loss (the original pads with -100)
+
+
+def lr_schedule(cfg: OptimConfig, steps: int):
+    """Linear warmup over ceil(warmup_ratio * steps) steps, then cosine decay to min_lr_ratio * lr
+    (HF `cosine_with_min_lr`, as the original recipe)."""
+    warmup = math.ceil(cfg.warmup_ratio * steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = step / max(warmup, 1)
+        progress = jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+        cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        return cfg.lr * jnp.where(step < warmup, warm, cosine)
+
+    return schedule
+
+
+def decay_mask(params: nnx.State):
+    """AdamW decays every parameter except biases and norm weights (HF's rule; our norms are the only
+    parameters named `weight`)."""
+    flat = nnx.to_flat_state(params)
+    return nnx.from_flat_state([(path, path[-1] not in ("bias", "weight")) for path, _ in flat])
+
+
+def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(lr_schedule(o, cfg.run.steps), b1=o.beta1, b2=o.beta2, eps=o.eps,
+                    weight_decay=o.weight_decay, mask=decay_mask(params)),
+    )
+
+
+def token_nll(logits_NxTxV, labels_NxT):
+    """Per-token negative log-likelihood (fp32) and the valid-token mask (labels >= 0)."""
+    valid = labels_NxT >= 0
+    logp = jax.nn.log_softmax(logits_NxTxV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels_NxT, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, nll, 0.0), valid
+
+
+def make_train_step(graphdef, tx, cfg: TrainConfig):
+    """-> train_step(state, batch_ids (B, L+1) int32, rng) -> (state, metrics). Gradients are
+    accumulated over `grad_accum` micro-batches; the loss is the mean over all valid tokens of the
+    global batch, so accumulation equals one big batch."""
+    A, remat, nan_policy = cfg.optim.grad_accum, cfg.run.remat == "layer", cfg.run.nan_policy
+
+    def nll_sum(params, ids, rng, total_valid):
+        model = nnx.merge(graphdef, params)
+        logits = model(ids[:, :-1], train=True, rng=rng, remat=remat)
+        nll, _ = token_nll(logits, ids[:, 1:])
+        return jnp.sum(nll) / total_valid
+
+    def train_step(state, ids_BxL1, rng):
+        params = state["params"]
+        total_valid = jnp.maximum(jnp.sum(ids_BxL1[:, 1:] >= 0), 1).astype(jnp.float32)
+        micro = ids_BxL1.reshape(A, ids_BxL1.shape[0] // A, ids_BxL1.shape[1])
+
+        def accumulate(carry, xs):
+            loss, grads = carry
+            ids, i = xs
+            l, g = jax.value_and_grad(nll_sum)(params, ids, jax.random.fold_in(rng, i), total_valid)
+            return (loss + l, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (micro, jnp.arange(A)))
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if nan_policy == "skip":  # drop a non-finite update entirely; the step counter still advances
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_params = jax.tree.map(keep, new_params, params)
+            opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """-> eval_step(params, ids (B, L+1)) -> (nll sum, valid token count)."""
+    def eval_step(params, ids_BxL1):
+        model = nnx.merge(graphdef, params)
+        nll, valid = token_nll(model(ids_BxL1[:, :-1]), ids_BxL1[:, 1:])
+        return jnp.sum(nll), jnp.sum(valid)
+    return eval_step
