@@ -1,10 +1,11 @@
-# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Two entry points (see README): `make demo` runs the main job (the default `hsa-train`), `make test`
+# runs the test suite. `make parity` checks every golden model fixture with hsa-compare.
 # Both create .venv with Python 3.12 on first use and install the package with its test extras.
 VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES ?= ../shared/fixtures
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test parity clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || "$$(bash .ci/find_python312.sh)" -m venv $(VENV)
@@ -15,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m hsa_jax.demo
+	$(VENV)/bin/hsa-train
+
+parity: setup
+	@for ref in $(FIXTURES)/swa_hsa/model_*.npz; do \
+	  $(VENV)/bin/hsa-compare --model-type swa_hsa --config $${ref%.npz}.config.json --reference $$ref || exit 1; \
+	done
 
 test: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests
