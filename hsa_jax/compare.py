@@ -23,7 +23,6 @@ from hsa_jax.config import ConfigError, SWAHSAConfig
 from hsa_jax.interop import CheckpointMismatchError, load_state_dict, read_state_dict
 from hsa_jax.model import SWAHSAForCausalLM
 
-MODEL_TYPES = ("swa_hsa",)
 
 
 @dataclasses.dataclass
@@ -101,12 +100,20 @@ def compare_reference(cfg: SWAHSAConfig, ref: dict[str, np.ndarray], *, atol: fl
     return Report(rows, atol)
 
 
+def compare_swa_hsa(config_path: pathlib.Path, ref: dict[str, np.ndarray], *, atol: float, impl: str) -> Report:
+    return compare_reference(SWAHSAConfig.from_json(config_path, hsa_impl=impl), ref, atol=atol)
+
+
+# --model-type -> comparison: (config path, reference arrays, atol, impl) -> Report.
+MODEL_TYPES = {"swa_hsa": compare_swa_hsa}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="hsa-compare",
         description="Compare hsa-jax's forward with reference outputs of the original PyTorch model. "
                     "Exits 0 iff the logits match within --atol.")
-    p.add_argument("--model-type", choices=MODEL_TYPES, required=True,
+    p.add_argument("--model-type", choices=sorted(MODEL_TYPES), required=True,
                    help="model family of the reference (swa_hsa: RamstorageAI SWA+HSA)")
     p.add_argument("--config", required=True, type=pathlib.Path,
                    help="original HF-style config.json of the reference model")
@@ -123,7 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = SWAHSAConfig.from_json(args.config, hsa_impl=args.impl)
         with np.load(args.reference) as data:
             ref = {k: data[k] for k in data.files}
         for key in ("input_ids", "logits"):
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
         if args.weights is not None:
             ref = {k: v for k, v in ref.items() if not k.startswith("param/")}
             ref.update({f"param/{k}": v for k, v in read_state_dict(args.weights).items()})
-        report = compare_reference(cfg, ref, atol=args.atol)
+        report = MODEL_TYPES[args.model_type](args.config, ref, atol=args.atol, impl=args.impl)
     except (ConfigError, CheckpointMismatchError, ValueError, FileNotFoundError) as e:
         print(f"hsa-compare: error: {e}", file=sys.stderr)
         return 2
