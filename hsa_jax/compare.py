@@ -54,9 +54,9 @@ class Report:
         return "\n".join(lines)
 
 
-def build_model(cfg: SWAHSAConfig, state_dict: dict[str, np.ndarray]) -> SWAHSAForCausalLM:
+def build_model(cfg, state_dict: dict[str, np.ndarray], model_cls=SWAHSAForCausalLM):
     """A model holding the given original weights (initialised abstractly, then filled)."""
-    model = nnx.eval_shape(lambda: SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     # eval_shape leaves ShapeDtypeStructs; give every parameter a concrete buffer before loading.
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)

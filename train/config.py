@@ -1,6 +1,7 @@
 """Run configuration: typed sections loaded from YAML, overridable as key=value on the command line.
 
-    model:  SWAHSAConfig fields (original HF-style names)
+    model_type: model family (hsa_jax/registry.py), default swa_hsa
+    model:  that family's config fields (original HF-style names)
     data:   token index and batch shape
     optim:  AdamW, warmup + cosine decay to a floor, clipping, gradient accumulation
     mesh:   device mesh axes (data, fsdp, tensor); -1 fills with the remaining devices
@@ -18,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from hsa_jax.config import ConfigError, SWAHSAConfig
+from hsa_jax.config import ConfigError
+from hsa_jax.registry import family
 
 DATA_MODES = ("random", "across_docs", "sequential")
 NAN_POLICIES = ("skip", "stop")
@@ -74,7 +76,8 @@ SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "run":
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: SWAHSAConfig
+    model: Any  # the config class of `model_type`
+    model_type: str = "swa_hsa"
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
@@ -103,7 +106,8 @@ class TrainConfig:
         _require([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh", dataclasses.asdict(m), "at most one axis = -1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), **{k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS}}
+        return {"model_type": self.model_type, "model": self.model.to_dict(),
+                **{k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS}}
 
 
 def _require(ok, field, value, allowed):
@@ -112,9 +116,9 @@ def _require(ok, field, value, allowed):
 
 
 def _build(raw: dict[str, Any]) -> TrainConfig:
-    unknown = sorted(set(raw) - {"model", *SECTIONS})
+    unknown = sorted(set(raw) - {"model_type", "model", *SECTIONS})
     if unknown:
-        raise ConfigError(f"unknown config sections {unknown}; allowed: {['model', *SECTIONS]}")
+        raise ConfigError(f"unknown config sections {unknown}; allowed: {['model_type', 'model', *SECTIONS]}")
     if "model" not in raw:
         raise ConfigError("config has no 'model' section")
     sections = {}
@@ -125,16 +129,19 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
         if bad:
             raise ConfigError(f"unknown fields {bad} in section '{name}'; allowed: {sorted(fields)}")
         sections[name] = cls(**values)
-    model = SWAHSAConfig.from_dict(raw["model"])
-    return TrainConfig(model=model, **sections)
+    model_type = raw.get("model_type", "swa_hsa")
+    model = family(model_type).config_cls.from_dict(raw["model"])
+    return TrainConfig(model=model, model_type=model_type, **sections)
 
 
-def _field_owner(key: str) -> tuple[str, str]:
+def _field_owner(key: str, model_type: str) -> tuple[str, str]:
+    if key == "model_type":
+        return "", key
     if "." in key:
         section, field = key.split(".", 1)
         return section, field
     owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-    if key in {f.name for f in dataclasses.fields(SWAHSAConfig)}:
+    if key in {f.name for f in dataclasses.fields(family(model_type).config_cls)}:
         owners.append("model")
     if len(owners) != 1:
         where = f"found in sections {owners}" if owners else "no section has it"
@@ -143,13 +150,16 @@ def _field_owner(key: str) -> tuple[str, str]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    raw = {k: dict(v or {}) for k, v in raw.items()}
+    raw = {k: (v if k == "model_type" else dict(v or {})) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        section, field = _field_owner(key.strip())
-        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+        section, field = _field_owner(key.strip(), raw.get("model_type", "swa_hsa"))
+        if section:
+            raw.setdefault(section, {})[field] = yaml.safe_load(value)
+        else:
+            raw[field] = yaml.safe_load(value)
     return raw
 
 

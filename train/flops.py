@@ -18,7 +18,11 @@ from hsa_jax.config import SWAHSAConfig
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
-def train_flops_per_token(cfg: SWAHSAConfig, seq_len: int) -> float:
+def train_flops_per_token(model_type: str, cfg, seq_len: int) -> float:
+    return FLOPS_PER_TOKEN[model_type](cfg, seq_len)
+
+
+def swa_hsa_flops_per_token(cfg: SWAHSAConfig, seq_len: int) -> float:
     D, HQ, hd, S = cfg.hidden_size, cfg.num_attention_heads, cfg.hsa_head_dim, cfg.chunk_size
     C = seq_len // S
     t = np.arange(seq_len)
@@ -45,6 +49,9 @@ def train_flops_per_token(cfg: SWAHSAConfig, seq_len: int) -> float:
     flops += cfg.num_upper_groups * group
     flops += 2 * D * cfg.vocab_size  # LM head
     return 3.0 * flops
+
+
+FLOPS_PER_TOKEN = {"swa_hsa": swa_hsa_flops_per_token}
 
 
 def peak_flops_per_device() -> float | None:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from hsa_jax.config import ConfigError
-from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.registry import family
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, load_config
 from train.flops import peak_flops_per_device, train_flops_per_token
@@ -49,8 +49,9 @@ def resolve_index(path: str) -> pathlib.Path:
 
 def init_state(cfg: TrainConfig, mesh):
     """Parameters created directly in their shardings (never whole on one device), optimizer state."""
-    make = lambda: nnx.state(SWAHSAForCausalLM(cfg.model, rngs=nnx.Rngs(cfg.run.seed)), nnx.Param)
-    abstract_model = nnx.eval_shape(lambda: SWAHSAForCausalLM(cfg.model, rngs=nnx.Rngs(cfg.run.seed)))
+    model_cls = family(cfg.model_type).model_cls
+    make = lambda: nnx.state(model_cls(cfg.model, rngs=nnx.Rngs(cfg.run.seed)), nnx.Param)
+    abstract_model = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(cfg.run.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     params = jax.jit(make, out_shardings=param_shardings(abstract_params, mesh))()
     tx = make_optimizer(cfg, params)
@@ -131,7 +132,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     schedule = lr_schedule(cfg.optim, cfg.run.steps)
     base_rng = jax.random.key(cfg.run.seed)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    flops_per_step = train_flops_per_token(cfg.model_type, cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops_per_device()
 
     stop = {"signal": None}
