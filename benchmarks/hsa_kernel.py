@@ -43,10 +43,8 @@ CHECK_CASES = [
     (2, 1024, 2048, 4, 1, 256, 8, 128, 2, 1.0, "bfloat16"),
 ]
 # KernelParams overrides timed by --sweep (each row times the index, fwd, dq and dk/dv pieces).
-SWEEP = [dict(), dict(fwd_chunk_major=False, fwd_warps=2), dict(fwd_chunk_major=False, fwd_warps=2, fwd_stages=3),
-         dict(fwd_pair_rows=32), dict(fwd_pair_rows=128), dict(fwd_warps=2), dict(fwd_warps=8), dict(fwd_stages=1),
-         dict(fwd_stages=3), dict(dq_warps=4), dict(dq_warps=1), dict(dq_stages=3), dict(dkv_rows=128),
-         dict(splits=4), dict(splits=32)]
+SWEEP = [dict(), dict(fwd_warps=1), dict(fwd_warps=4), dict(fwd_stages=3), dict(dq_warps=2),
+         dict(dkv_rows=64), dict(dkv_warps=8), dict(dkv_splits=8), dict(dkv_splits=64)]
 
 
 def time_ms(fn, *args, target_s=0.3, trials=7):
@@ -169,21 +167,22 @@ def bench_shape(shape, key, impls, params, correlated=False):
 
 
 def breakdown(shape, key, params):
-    """ms of each piece of the Pallas op: reverse index, forward kernel (+ slot sum), dq kernel, dk/dv
-    kernel (+ split sum)."""
+    """ms of each piece of the Pallas op: forward kernel, dq kernel, dk/dv (reverse index + kernel +
+    split sum), and inside the reverse index its sort and its bincount."""
     Z, L, HQ, H, D, K, S = shape
     q, k, v, w, idx, do = make_inputs(key, Z, L, L, HQ, H, D, K, S, jnp.bfloat16)
     dims = hsa.make_dims(q, k, w, chunk_size=S, params=params)
-    rev = jax.jit(lambda idx: hsa._reverse_index(idx, dims))
-    index = rev(idx)
     fwd = jax.jit(lambda *a: hsa._forward(*a, dims))
-    o, lse = fwd(q, k, v, w, idx, index)
+    o, lse = fwd(q, k, v, w, idx)
     dq = jax.jit(lambda *a: hsa._dq(*a, dims))
     _, di = dq(q, k, v, w, idx, lse, do)
-    return {"rev_index": time_ms(rev, idx),
-            "fwd": time_ms(fwd, q, k, v, w, idx, index),
+    key_P = jax.random.bits(key, (w.size,), jnp.uint32)
+    return {"fwd": time_ms(fwd, q, k, v, w, idx),
             "dq": time_ms(dq, q, k, v, w, idx, lse, do),
-            "dkdv": time_ms(jax.jit(lambda *a: hsa._dkv(*a, dims)), q, k, v, w, index, lse, di, do)}
+            "dkdv": time_ms(jax.jit(lambda *a: hsa._dkv(*a, dims)), q, k, v, w, idx, lse, di, do),
+            "rev_index": time_ms(jax.jit(lambda idx, w: hsa._reverse_index(idx, w, dims)), idx, w),
+            "sort_only": time_ms(jax.jit(jax.lax.sort), key_P),
+            "bincount_only": time_ms(jax.jit(lambda i: jnp.bincount(i.ravel(), length=dims.C + 1)), idx)}
 
 
 def flops_fwd(shape):
@@ -238,7 +237,7 @@ def main():
     ap.add_argument("--sweep-shape", default="",
                     help="optional second shape 'Z,L,HQ,H,D,K,S' for --sweep (default: the first shape only)")
     ap.add_argument("--breakdown", action="store_true",
-                    help="time the pieces of the Pallas op (reverse index, fwd, dq, dk/dv) per shape")
+                    help="time the pieces of the Pallas op (fwd, dq, dk/dv, reverse index, its sort) per shape")
     ap.add_argument("--correlated", action="store_true",
                     help="also time the Pallas op with correlated indices (neighbouring tokens share chunks)")
     ap.add_argument("--out", default=None, help="directory for results.json and table.md")

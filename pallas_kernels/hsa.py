@@ -9,18 +9,14 @@
 Kernel design (notation of reference.py: R = Q*G query rows share one retrieval row (n, b, e); a
 "pair" is one (retrieval row, slot)). The Q*G rows of a retrieval row are packed into a tile of BM >= 16
 rows (zero-padded up to BM), so any G or Q fills a matrix-unit tile.
-  reverse index  for each (n, e, chunk) the pairs that selected it, CSR via one sort (_reverse_index);
-           built once in the forward and reused by the backward.
-  forward  chunk-major, grid (C, N*H, splits): the program of chunk c loads its (S, D) keys/values once,
-           then for its pairs gathers the q rows, runs one softmax over the chunk (sm_n in the
-           denominator) and writes w * P V into the pair's own row of a partial array, plus the pair's
-           base-2 log-sum-exp. The K partials of a row are summed in fp32 outside. Gathering q rows
-           (R*D per pair) instead of chunks (2*S*D per pair) cuts the L2 traffic 8x at G=16, S=64;
-           the q-major forward (fwd_chunk_major=False, like dq below) is kept as a tuning option.
+  forward  q-major, grid (row tiles, N*H). For each of the K slots of a retrieval row it gathers the
+           chunk's (S, D) keys/values, runs one softmax over the chunk (sm_n in the denominator) and
+           accumulates w * P V; it stores the per-(row, slot) base-2 log-sum-exp for the backward.
   dq       q-major, grid (row tiles, N*H): per slot gathers the chunk, recomputes P from the LSE,
            Di = rowsum(P * dP) (= dO . O_k, also d(weight) once summed over the R rows),
            dS = w P (dP - Di), dq += dS K.
-  dk/dv    chunk-major like the forward: the program of chunk c visits only its own pairs, so the work
+  dk/dv    chunk-major, grid (C, N*H, splits): a reverse index (for each (n, e, chunk) the pairs that
+           selected it, CSR via one sort) lets the program of chunk c visit only its own pairs, so the work
            is O(N * Lq * HQ * K * S * D), linear in L, with no atomics. Each split takes every
            `splits`-th step of a chunk's pairs and writes an fp32 partial; partials are summed in a
            fixed order, so results are bit-identical across runs.
@@ -56,16 +52,14 @@ def resolve_impl(impl: str) -> str:
 class KernelParams:
     """Tuning knobs of the Pallas kernels (defaults: H200 measurements in docs/benchmarks.md)."""
     max_tile_rows: int = 128   # BM cap: rows per retrieval-row tile
-    fwd_chunk_major: bool = True  # forward over the reverse index (else q-major, like dq)
-    fwd_pair_rows: int = 64    # chunk-major forward: target matrix rows (pairs x tile rows) per step
-    fwd_rows: int = 1          # q-major forward / dq: retrieval rows per program (looped)
-    fwd_warps: int = 4
+    fwd_rows: int = 1          # forward / dq: retrieval rows per program (looped)
+    fwd_warps: int = 2
     fwd_stages: int = 2
-    unroll_slots: bool = False  # q-major: unroll the K-slot loop
-    dq_warps: int = 2
+    unroll_slots: bool = False  # forward / dq: unroll the K-slot loop
+    dq_warps: int = 1
     dq_stages: int = 2
-    dkv_rows: int = 64         # dk/dv: target matrix rows per step
-    splits: int = 0            # programs per chunk in chunk-major kernels; 0: from the grid size
+    dkv_rows: int = 128        # dk/dv: target matrix rows (pairs x tile rows) per step
+    dkv_splits: int = 0        # dk/dv programs per chunk; 0: from the grid size (_dkv_splits)
     dkv_warps: int = 4
     dkv_stages: int = 2
 
@@ -285,48 +279,48 @@ def _q_major_call(kernel, dims: _Dims, out_shape, warps, stages, name):
 
 
 # --------------------------------------------------------------------------------------------------
-# Chunk-major kernels (forward, dk/dv) over a reverse index. Grid (C, N*H, splits).
+# dk/dv: chunk-major over a reverse index. Grid (C, N*H, splits).
 
-def _chunk_pairs(dims: _Dims, rows: int, tiles_per_stage: int) -> int:
-    """(row, slot) pairs per step: BP pairs x BM tile rows ~ `rows` matrix rows, fewer if the step's
-    tiles (tiles_per_stage of (BP*BM, Dp)) would not fit in shared memory next to the chunk's k, v."""
-    bp = max(1, rows // dims.BM)
-    while bp > 1 and sum(_chunk_smem(dims, bp, tiles_per_stage)) > SMEM_BUDGET:
+def _dkv_pairs(dims: _Dims) -> int:
+    """(row, slot) pairs per dk/dv step: BP pairs x BM tile rows ~ dkv_rows matrix rows, fewer if the
+    step's q, dO tiles would not fit in shared memory next to the chunk's k, v."""
+    bp = max(1, dims.params.dkv_rows // dims.BM)
+    while bp > 1 and sum(_dkv_smem(dims, bp)) > SMEM_BUDGET:
         bp //= 2
     return bp
 
 
-def _chunk_smem(dims: _Dims, bp: int, tiles_per_stage: int) -> tuple[int, int]:
-    """(fixed, per-stage) shared-memory bytes of a chunk-major kernel."""
-    return 2 * dims.S * dims.Dp * dims.itemsize, tiles_per_stage * bp * dims.BM * dims.Dp * dims.itemsize
+def _dkv_smem(dims: _Dims, bp: int) -> tuple[int, int]:
+    """(fixed, per-stage) shared-memory bytes of the dk/dv kernel: the chunk's k, v; a step's q, dO."""
+    return 2 * dims.S * dims.Dp * dims.itemsize, 2 * bp * dims.BM * dims.Dp * dims.itemsize
 
 
-def _splits(dims: _Dims) -> int:
+def _dkv_splits(dims: _Dims) -> int:
     """Programs per chunk. Causal retrieval picks early chunks far more often (chunk 0: ~S*K*ln(C)
-    pairs vs S*K on average, plus every invalid slot), so with few chunks the busiest chunk's program
-    would outlast the rest; splitting keeps ~1024 programs in flight."""
-    if dims.params.splits:
-        return dims.params.splits
-    return max(1, min(16, 1024 // (dims.C * dims.N * dims.H)))
+    pairs vs S*K on average), so with few chunks the busiest chunk's program would outlast the rest;
+    splits aim at ~4096 programs. Each split costs an fp32 (Lkv, D) partial of dk and of dv."""
+    if dims.params.dkv_splits:
+        return dims.params.dkv_splits
+    return max(1, min(32, 4096 // (dims.C * dims.N * dims.H)))
 
 
-def _reverse_index(idx_NxBxHxK, dims: _Dims):
-    """CSR of the (row, slot) pairs that selected each chunk. Returns (offsets (N*H*C+1,), pairs
-    (N*H*B*K,)): the pairs of (n, e, c) are pairs[offsets[s]:offsets[s+1]], s = (n*H + e)*C + c, in
+def _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims: _Dims):
+    """CSR of the (row, slot) pairs that selected each chunk. Returns (offsets (N*H*(C+1)+1,), pairs
+    (N*H*B*K,)): the pairs of (n, e, c) are pairs[offsets[s]:offsets[s+1]], s = (n*H + e)*(C+1) + c, in
     (row, slot) order (a fixed summation order: bit-identical results), each the flat index
-    ((n*H + e)*B + b)*K + k."""
-    N, H, BK, C = dims.N, dims.H, dims.B * dims.K, dims.C
-    seg_NHxBK = (jnp.arange(N * H, dtype=jnp.int32)[:, None] * C
-                 + idx_NxBxHxK.transpose(0, 2, 1, 3).reshape(N * H, BK))
-    if N * H * C * BK < 2**32:
-        # One sort of unique uint32 keys (segment, pair) is several times cheaper than argsort's
-        # key-value sort on GPU.
+    ((n*H + e)*B + b)*K + k. Zero-weight pairs (invalid slots) add nothing to dk/dv: they go to the
+    unvisited bucket c = C."""
+    N, H, BK, C1 = dims.N, dims.H, dims.B * dims.K, dims.C + 1
+    c_NHxBK = jnp.where(w_NxBxHxK != 0, idx_NxBxHxK, dims.C).transpose(0, 2, 1, 3).reshape(N * H, BK)
+    seg_NHxBK = jnp.arange(N * H, dtype=jnp.int32)[:, None] * C1 + c_NHxBK
+    if N * H * C1 * BK < 2**32:
+        # One sort of unique uint32 keys (segment, pair) rather than argsort's key-value sort.
         key = (seg_NHxBK.astype(jnp.uint32) * BK + jnp.arange(BK, dtype=jnp.uint32)[None, :]).ravel()
         key = lax.sort(key)
-        pairs = ((key // BK) // C * BK + key % BK).astype(jnp.int32)
+        pairs = ((key // BK) // C1 * BK + key % BK).astype(jnp.int32)
     else:
         pairs = jnp.argsort(seg_NHxBK.ravel(), stable=True).astype(jnp.int32)
-    counts = jnp.bincount(seg_NHxBK.ravel(), length=N * H * C)
+    counts = jnp.bincount(seg_NHxBK.ravel(), length=N * H * C1)
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
     return offsets, pairs
 
@@ -339,7 +333,7 @@ def _chunk_program(dims: _Dims, bp: int, splits: int, off_ref, pair_ref, w_ref, 
     Returns (carry, kvrow_S) with kvrow_S the k/v rows of the chunk."""
     c, ne, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n, e = ne // dims.H, ne % dims.H
-    seg = ne * dims.C + c
+    seg = ne * (dims.C + 1) + c
     start, end = off_ref[seg], off_ref[seg + 1]
     my_steps = pl.cdiv(jnp.maximum(pl.cdiv(end - start, bp) - s, 0), splits)
     kvrow_S = _chunk_rows(dims, n, e, c)
@@ -367,28 +361,6 @@ def _chunk_program(dims: _Dims, bp: int, splits: int, off_ref, pair_ref, w_ref, 
     return lax.fori_loop(0, my_steps, one_step, init), kvrow_S
 
 
-def _fwd_chunk_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, part_ref, lse_ref, *,
-                      dims: _Dims, bp: int, splits: int):
-    """Writes w * O_k for every (row, slot) pair of chunk c into its own row of the partial array
-    (summed over slots outside), and the pair's LSE."""
-    def tile(carry, k_SxDp, v_SxDp, ok_M, qrow_M, lpos_M, w_M):
-        q_MxDp = _load_rows(q_ref, qrow_M, dims, ok_M)
-        x_MxS = _logits2(q_MxDp, k_SxDp, dims)
-        m_M = jnp.max(x_MxS, axis=1)
-        if dims.sm_n:  # the implicit extra logit 0 takes part in the max
-            m_M = jnp.maximum(m_M, 0.0)
-        p_MxS = jnp.exp2(x_MxS - m_M[:, None])
-        l_M = jnp.sum(p_MxS, axis=1)
-        if dims.sm_n:
-            l_M += dims.sm_n * jnp.exp2(-m_M)
-        o_MxDp = _dot(p_MxS.astype(v_SxDp.dtype), v_SxDp) * (w_M / l_M)[:, None]
-        _store_rows(part_ref, lpos_M, o_MxDp, dims, ok_M)
-        plgpu.store(lse_ref.at[lpos_M], m_M + jnp.log2(l_M), mask=ok_M)
-        return carry
-
-    _chunk_program(dims, bp, splits, off_ref, pair_ref, w_ref, k_ref, v_ref, tile, 0)
-
-
 def _dkv_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
                 dk_ref, dv_ref, *, dims: _Dims, bp: int, splits: int):
     """Accumulates chunk c's dk, dv over its pairs; writes split s's fp32 partial."""
@@ -412,14 +384,6 @@ def _dkv_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     _store_rows(dv_ref, prow_S, dv_SxDp, dims)
 
 
-def _chunk_major_call(kernel, dims: _Dims, out_shape, rows, tiles_per_stage, warps, stages, name):
-    bp, splits = _chunk_pairs(dims, rows, tiles_per_stage), _splits(dims)
-    return pl.pallas_call(
-        functools.partial(kernel, dims=dims, bp=bp, splits=splits), grid=(dims.C, dims.N * dims.H, splits),
-        out_shape=out_shape, compiler_params=_compiler_params(warps, stages, *_chunk_smem(dims, bp, tiles_per_stage)),
-        interpret=dims.interpret, name=name), splits
-
-
 # --------------------------------------------------------------------------------------------------
 # Wrappers and custom VJP.
 
@@ -427,26 +391,14 @@ def _flat_rows(x):
     return x.reshape(-1, x.shape[-1])
 
 
-def _forward(q, k, v, w_NxBxHxK, idx_NxBxHxK, index, dims: _Dims):
-    """Returns o (N, L, HQ, D) and the base-2 LSE per (row, slot), (N*H*B*K*R,) fp32. `index` is the
-    reverse index (used by the chunk-major forward)."""
+def _forward(q, k, v, w_NxBxHxK, idx_NxBxHxK, dims: _Dims):
+    """Returns o (N, L, HQ, D) and the base-2 LSE per (row, slot), (N*H*B*K*R,) fp32."""
     p = dims.params
-    lse_shape = jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32)
-    if not p.fwd_chunk_major:
-        o_shape = jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype)
-        o, lse = _q_major_call(_fwd_kernel, dims, (o_shape, lse_shape), p.fwd_warps, p.fwd_stages, "hsa_fwd")(
-            idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v))
-        return o.reshape(q.shape), lse
-    # Chunk-major: each (row, slot) pair's w * O_k lands in its own row, so the gathers are of q rows
-    # (R*D per pair) instead of whole k/v chunks (2*S*D per pair); slots are summed here in fp32.
-    part_shape = jax.ShapeDtypeStruct(lse_shape.shape + (dims.D,), q.dtype)
-    call, _ = _chunk_major_call(_fwd_chunk_kernel, dims, (part_shape, lse_shape), p.fwd_pair_rows, 1,
-                                p.fwd_warps, p.fwd_stages, "hsa_fwd_chunk")
-    part, lse = call(*index, w_NxBxHxK.transpose(0, 2, 1, 3).ravel(), _flat_rows(q), _flat_rows(k),
-                     _flat_rows(v))
-    N, H, B, K, Q, G, D = dims.N, dims.H, dims.B, dims.K, dims.Q, dims.G, dims.D
-    o_NxHxBxQxGxD = part.reshape(N, H, B, K, Q, G, D).astype(jnp.float32).sum(axis=3)
-    return o_NxHxBxQxGxD.transpose(0, 2, 3, 1, 4, 5).reshape(q.shape).astype(q.dtype), lse
+    out_shape = (jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype),
+                 jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32))
+    o, lse = _q_major_call(_fwd_kernel, dims, out_shape, p.fwd_warps, p.fwd_stages, "hsa_fwd")(
+        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v))
+    return o.reshape(q.shape), lse
 
 
 def _dq(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
@@ -460,40 +412,41 @@ def _dq(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
     return dq.reshape(q.shape), di
 
 
-def _dkv(q, k, v, w_NxBxHxK, index, lse, di, do, dims: _Dims):
+def _dkv(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, di, do, dims: _Dims):
     """Returns dk, dv (N, Lkv, H, D): chunk-major kernel over the reverse index, split partials summed."""
-    p = dims.params
-    part = jax.ShapeDtypeStruct((_splits(dims) * dims.N * dims.Lkv * dims.H, dims.D), jnp.float32)
-    call, splits = _chunk_major_call(_dkv_kernel, dims, (part, part), p.dkv_rows, 2, p.dkv_warps,
-                                     p.dkv_stages, "hsa_dkdv")
-    dk_part, dv_part = call(*index, w_NxBxHxK.transpose(0, 2, 1, 3).ravel(), _flat_rows(q), _flat_rows(k),
-                            _flat_rows(v), _flat_rows(do), lse, di)
+    p, bp, splits = dims.params, _dkv_pairs(dims), _dkv_splits(dims)
+    part = jax.ShapeDtypeStruct((splits * dims.N * dims.Lkv * dims.H, dims.D), jnp.float32)
+    dk_part, dv_part = pl.pallas_call(
+        functools.partial(_dkv_kernel, dims=dims, bp=bp, splits=splits), grid=(dims.C, dims.N * dims.H, splits),
+        out_shape=(part, part), compiler_params=_compiler_params(p.dkv_warps, p.dkv_stages, *_dkv_smem(dims, bp)),
+        interpret=dims.interpret, name="hsa_dkdv")(
+        *_reverse_index(idx_NxBxHxK, w_NxBxHxK, dims), w_NxBxHxK.transpose(0, 2, 1, 3).ravel(),
+        _flat_rows(q), _flat_rows(k), _flat_rows(v), _flat_rows(do), lse, di)
     dk = dk_part.reshape(splits, *k.shape).sum(axis=0).astype(k.dtype)
     dv = dv_part.reshape(splits, *v.shape).sum(axis=0).astype(v.dtype)
     return dk, dv
 
 
-def _backward(q, k, v, w_NxBxHxK, idx_NxBxHxK, index, lse, do, dims: _Dims):
+def _backward(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
     dq, di = _dq(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims)
-    dk, dv = _dkv(q, k, v, w_NxBxHxK, index, lse, di, do, dims)
+    dk, dv = _dkv(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, di, do, dims)
     dw_NxHxBxK = di.reshape(dims.N, dims.H, dims.B, dims.K, dims.R).sum(axis=-1)
     return dq, dk, dv, dw_NxHxBxK.transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _hsa_pallas(q, k, v, w, idx, dims: _Dims):
-    return _hsa_pallas_fwd(q, k, v, w, idx, dims)[0]
+    return _forward(q, k, v, w.astype(jnp.float32), idx, dims)[0]
 
 
 def _hsa_pallas_fwd(q, k, v, w, idx, dims: _Dims):
-    index = _reverse_index(idx, dims)
-    o, lse = _forward(q, k, v, w.astype(jnp.float32), idx, index, dims)
-    return o, (q, k, v, w, idx, index, lse)
+    o, lse = _forward(q, k, v, w.astype(jnp.float32), idx, dims)
+    return o, (q, k, v, w, idx, lse)
 
 
 def _hsa_pallas_bwd(dims: _Dims, res, do):
-    q, k, v, w, idx, index, lse = res
-    dq, dk, dv, dw = _backward(q, k, v, w.astype(jnp.float32), idx, index, lse, do.astype(q.dtype), dims)
+    q, k, v, w, idx, lse = res
+    dq, dk, dv, dw = _backward(q, k, v, w.astype(jnp.float32), idx, lse, do.astype(q.dtype), dims)
     return dq, dk, dv, dw.astype(w.dtype), None
 
 

@@ -85,9 +85,8 @@ def test_kernel_matches_reference(name):
 
 
 @pytest.mark.parametrize("params", [
-    # q-major forward; B % fwd_rows != 0; each chunk's pairs split 3 ways
-    KernelParams(fwd_chunk_major=False, fwd_rows=3, dkv_rows=32, splits=3),
-    KernelParams(max_tile_rows=16, fwd_pair_rows=32, dkv_rows=16, splits=1),  # Q*G = 32 rows in two tiles
+    KernelParams(fwd_rows=3, dkv_rows=32, dkv_splits=3),  # B % fwd_rows != 0; pairs split 3 ways
+    KernelParams(max_tile_rows=16, dkv_rows=16, dkv_splits=1, unroll_slots=True),  # Q*G = 32 rows: 2 tiles
 ])
 def test_kernel_tiling_variants_match_reference(params):
     _check_against_reference(_case(N=2, HQ=8, H=2, D=32, S=16, K=4, L=40, Lkv=64, Q=2), params)
@@ -110,11 +109,10 @@ def test_forward_lse_fully_written():
     rng = np.random.default_rng()
     case = {k: v for k, v in _case(N=2, HQ=2, H=2, L=24, Lkv=32, Q=3).items() if k != "sm_n"}
     q, k, v, w, idx, _ = _inputs(rng, **case)
-    for params in (KernelParams(), KernelParams(fwd_chunk_major=False, fwd_rows=3)):
-        dims = hsa.make_dims(q, k, w, chunk_size=16, params=params, interpret=True)
-        o, lse = hsa._forward(q, k, v, w, idx, hsa._reverse_index(idx, dims), dims)
-        assert lse.shape == (2 * 2 * 8 * 2 * 3,)
-        assert bool(jnp.all(jnp.isfinite(lse))) and bool(jnp.all(jnp.isfinite(o)))
+    dims = hsa.make_dims(q, k, w, chunk_size=16, params=KernelParams(fwd_rows=3), interpret=True)
+    o, lse = hsa._forward(q, k, v, w, idx, dims)
+    assert lse.shape == (2 * 2 * 8 * 2 * 3,)
+    assert bool(jnp.all(jnp.isfinite(lse))) and bool(jnp.all(jnp.isfinite(o)))
 
 
 def test_interpret_mode_poisons_unwritten_outputs():
@@ -131,19 +129,20 @@ def test_interpret_mode_poisons_unwritten_outputs():
 def test_reverse_index_lists_exactly_the_selecting_pairs(N, B, H, K, C):
     rng = np.random.default_rng()
     idx = rng.integers(0, min(C, 7), (N, B, H, K)).astype(np.int32)
+    w = np.where(rng.random((N, B, H, K)) < 0.3, 0.0, 1.0).astype(np.float32)
     dims = hsa._Dims(N=N, L=B, HQ=H, D=16, Lkv=C * 16, H=H, B=B, K=K, S=16, scale=1.0, sm_n=0.0,
                      itemsize=4, params=KernelParams(), interpret=True)
-    offsets, pairs = (np.asarray(x) for x in hsa._reverse_index(jnp.asarray(idx), dims))
-    assert offsets.shape == (N * H * C + 1,) and pairs.shape == (N * B * H * K,)
-    idx_NHBK = idx.transpose(0, 2, 1, 3).ravel()
+    offsets, pairs = (np.asarray(x) for x in hsa._reverse_index(jnp.asarray(idx), jnp.asarray(w), dims))
+    assert offsets.shape == (N * H * (C + 1) + 1,) and pairs.shape == (N * B * H * K,)
+    idx_NHBK, w_NHBK = idx.transpose(0, 2, 1, 3).ravel(), w.transpose(0, 2, 1, 3).ravel()
     for n in range(N):
         for e in range(H):
             for c in range(min(C, 8)):
-                seg = (n * H + e) * C + c
+                seg = (n * H + e) * (C + 1) + c
                 got = pairs[offsets[seg]:offsets[seg + 1]]
                 base = (n * H + e) * B * K
-                assert list(got) == [p for p in range(base, base + B * K) if idx_NHBK[p] == c]
-    assert offsets[-1] == N * B * H * K
+                want = [p for p in range(base, base + B * K) if idx_NHBK[p] == c and w_NHBK[p] != 0]
+                assert list(got) == want  # zero-weight pairs left out; (row, slot) order
 
 
 def test_auto_impl_is_reference_on_cpu_and_bad_chunk_size_raises():
