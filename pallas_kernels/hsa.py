@@ -53,7 +53,7 @@ class KernelParams:
     """Tuning knobs of the Pallas kernels (defaults: H200 measurements in docs/benchmarks.md)."""
     max_tile_rows: int = 128   # BM cap: rows per retrieval-row tile
     fwd_rows: int = 1          # forward / dq: retrieval rows per program (looped)
-    fwd_warps: int = 2
+    fwd_warps: int = 1
     fwd_stages: int = 2
     unroll_slots: bool = False  # forward / dq: unroll the K-slot loop
     dq_warps: int = 1
@@ -297,11 +297,12 @@ def _dkv_smem(dims: _Dims, bp: int) -> tuple[int, int]:
 
 def _dkv_splits(dims: _Dims) -> int:
     """Programs per chunk. Causal retrieval picks early chunks far more often (chunk 0: ~S*K*ln(C)
-    pairs vs S*K on average), so with few chunks the busiest chunk's program would outlast the rest;
-    splits aim at ~4096 programs. Each split costs an fp32 (Lkv, D) partial of dk and of dv."""
+    pairs vs S*K on average), so with few chunks the busiest chunk's program would outlast the rest.
+    Each split costs an fp32 (Lkv, D) partial of dk and of dv; ~2048 programs measured best on H200
+    (docs/benchmarks.md)."""
     if dims.params.dkv_splits:
         return dims.params.dkv_splits
-    return max(1, min(32, 4096 // (dims.C * dims.N * dims.H)))
+    return max(2, min(16, 2048 // (dims.C * dims.N * dims.H)))
 
 
 def _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims: _Dims):
@@ -317,12 +318,18 @@ def _reverse_index(idx_NxBxHxK, w_NxBxHxK, dims: _Dims):
         # One sort of unique uint32 keys (segment, pair) rather than argsort's key-value sort.
         key = (seg_NHxBK.astype(jnp.uint32) * BK + jnp.arange(BK, dtype=jnp.uint32)[None, :]).ravel()
         key = lax.sort(key)
-        pairs = ((key // BK) // C1 * BK + key % BK).astype(jnp.int32)
+        seg_P = (key // BK).astype(jnp.int32)
+        pairs = (seg_P // C1 * BK + (key % BK).astype(jnp.int32))
     else:
         pairs = jnp.argsort(seg_NHxBK.ravel(), stable=True).astype(jnp.int32)
-    counts = jnp.bincount(seg_NHxBK.ravel(), length=N * H * C1)
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
-    return offsets, pairs
+        seg_P = seg_NHxBK.ravel()[pairs]
+    # offsets[s] = first sorted position with segment >= s: scatter each segment's first position
+    # (unique targets, unlike a bincount's contended adds), then fill empty segments from the right.
+    P, NS = seg_P.shape[0], N * H * C1
+    starts = jnp.concatenate([jnp.ones((1,), bool), seg_P[1:] != seg_P[:-1]])
+    first = jnp.full((NS + 1,), P, jnp.int32).at[jnp.where(starts, seg_P, NS + 1)].set(
+        jnp.arange(P, dtype=jnp.int32), mode="drop")
+    return lax.cummin(first, reverse=True), pairs
 
 
 def _chunk_program(dims: _Dims, bp: int, splits: int, off_ref, pair_ref, w_ref, k_ref, v_ref,
