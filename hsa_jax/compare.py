@@ -5,6 +5,12 @@ optionally `hidden_states/<i>` (output of backbone layer i; the last is norm_f's
 `chunking/{mem_k,mem_v,landmarks}` and `retrieval/<g>/dense_chunk_weights`. The tool loads the weights
 into our model, runs the fp32 forward and reports max-abs and relative errors per output. It exits 0
 iff the logits match within --atol.
+
+With `--decode DECODE.npz` it checks the cached decoder (hsa_jax/decode.py) instead: DECODE.npz holds
+`prompt_ids` (N, P), `prompt_logits` (N, P, V), `fed_tokens` (N, s), `step_logits` (N, s, V) and optionally
+`seg128_last_segment_logits` (the last segment's logits of a prefill in 128-token segments); the weights
+come from `--reference MODEL.npz` or from DECODE.npz's own `param/` arrays. The tool prefills the prompt,
+feeds the continuation tokens one at a time and exits 0 iff every compared output is within --atol.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from hsa_jax.config import ConfigError, SWAHSAConfig
+from hsa_jax.drt import compare_drt
 from hsa_jax.interop import CheckpointMismatchError, load_state_dict, read_state_dict
 from hsa_jax.model import SWAHSAForCausalLM
 
@@ -74,6 +81,55 @@ def _row(name, ours, ref) -> Row:
     return Row(name, err, err / scale if scale else err)
 
 
+@dataclasses.dataclass
+class DecodeReport(Report):
+    """Every row must be within atol (prompt logits, step logits, segmented-prefill logits)."""
+
+    @property
+    def logits(self) -> Row:
+        return max(self.rows, key=lambda r: r.max_abs)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.max_abs <= self.atol for r in self.rows)
+
+
+def compare_decode(cfg, params: dict[str, np.ndarray], decode: dict[str, np.ndarray], *, atol: float = 1e-4,
+                   segment: int = 16384, model_cls=SWAHSAForCausalLM) -> DecodeReport:
+    """Prefills decode["prompt_ids"] through the cached decoder (segments of `segment` tokens), then feeds
+    decode["fed_tokens"] one per step; compares prompt and step logits (fp32)."""
+    from hsa_jax.decode import make_decoder
+
+    for key in ("prompt_ids", "prompt_logits", "fed_tokens", "step_logits"):
+        if key not in decode:
+            raise ValueError(f"the decode file has no '{key}' array")
+    cfg = cfg.replace(dtype="float32", param_dtype="float32")
+    model = build_model(cfg, params, model_cls)
+    prompt, fed = np.asarray(decode["prompt_ids"]), np.asarray(decode["fed_tokens"])
+    capacity = prompt.shape[1] + fed.shape[1]
+    rows = []
+    with jax.default_matmul_precision("highest"):
+        dec = make_decoder(model, segment_len=segment)
+        logits, cache = dec.prefill(prompt, logits="all", capacity=capacity)
+        rows.append(_row("prompt_logits", logits, decode["prompt_logits"]))
+        steps = []
+        for s in range(fed.shape[1]):
+            step_logits, cache = dec.step(fed[:, s], cache)
+            steps.append(np.asarray(step_logits))
+        rows.append(_row("step_logits", np.stack(steps, 1), decode["step_logits"]))
+        if "seg128_last_segment_logits" in decode:
+            ref = decode["seg128_last_segment_logits"]
+            logits, _ = make_decoder(model, segment_len=128).prefill(prompt, logits="all")
+            rows.append(_row("seg128_last_segment_logits", np.asarray(logits)[:, -ref.shape[1]:], ref))
+    return DecodeReport(rows, atol)
+
+
+def compare_decode_swa_hsa(config_path: pathlib.Path, params: dict[str, np.ndarray], decode: dict[str, np.ndarray],
+                           *, atol: float, impl: str, segment: int) -> DecodeReport:
+    return compare_decode(SWAHSAConfig.from_json(config_path, hsa_impl=impl), params, decode, atol=atol,
+                          segment=segment)
+
+
 def dense_chunk_weights(weights_NxTxHxK, indices_NxTxHxK, num_chunks: int):
     """Scatter-add of slot weights onto chunk ids: (N, T, H, C); independent of slot order and ties."""
     onehot = jax.nn.one_hot(indices_NxTxHxK, num_chunks, dtype=jnp.float32)
@@ -105,7 +161,10 @@ def compare_swa_hsa(config_path: pathlib.Path, ref: dict[str, np.ndarray], *, at
 
 
 # --model-type -> comparison: (config path, reference arrays, atol, impl) -> Report.
-MODEL_TYPES = {"swa_hsa": compare_swa_hsa}
+MODEL_TYPES = {"swa_hsa": compare_swa_hsa, "drt": compare_drt}
+# --model-type with --decode -> (config path, params {original key: array}, decode arrays, atol, impl, segment)
+# -> DecodeReport.
+DECODE_TYPES = {"swa_hsa": compare_decode_swa_hsa}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,11 +173,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Compare hsa-jax's forward with reference outputs of the original PyTorch model. "
                     "Exits 0 iff the logits match within --atol.")
     p.add_argument("--model-type", choices=sorted(MODEL_TYPES), required=True,
-                   help="model family of the reference (swa_hsa: RamstorageAI SWA+HSA)")
+                   help="model family of the reference (swa_hsa: RamstorageAI SWA+HSA; drt: ant-research DRT/GCA)")
     p.add_argument("--config", required=True, type=pathlib.Path,
                    help="original HF-style config.json of the reference model")
-    p.add_argument("--reference", required=True, type=pathlib.Path,
-                   help="REF.npz with param/<key> weights, input_ids, logits and optional hidden_states/<i>")
+    p.add_argument("--reference", type=pathlib.Path, default=None,
+                   help="REF.npz with param/<key> weights, input_ids, logits and optional hidden_states/<i> "
+                        "(with --decode: only its param/ weights are used; optional when DECODE.npz has them)")
+    p.add_argument("--decode", type=pathlib.Path, default=None,
+                   help="DECODE.npz (prompt_ids, prompt_logits, fed_tokens, step_logits): check the cached "
+                        "decoder: prefill the prompt, feed the tokens one at a time, compare both logits")
+    p.add_argument("--segment", type=int, default=16384,
+                   help="with --decode: prefill segment length (default 16384, the original's inference_segment)")
     p.add_argument("--weights", type=pathlib.Path, default=None,
                    help="take the weights from this checkpoint (.safetensors/.npz/.bin) instead of REF.npz")
     p.add_argument("--atol", type=float, default=1e-4, help="max-abs tolerance on the logits (default 1e-4)")
@@ -129,6 +194,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.decode is not None:
+        return _main_decode(args)
+    if args.reference is None:
+        print("hsa-compare: error: --reference is required (unless --decode is given)", file=sys.stderr)
+        return 2
     try:
         with np.load(args.reference) as data:
             ref = {k: data[k] for k in data.files}
@@ -143,6 +213,32 @@ def main(argv=None) -> int:
         print(f"hsa-compare: error: {e}", file=sys.stderr)
         return 2
     print(f"hsa-compare: {args.reference} (config {args.config}, backend {jax.default_backend()})")
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _main_decode(args) -> int:
+    try:
+        if args.model_type not in DECODE_TYPES:
+            raise ValueError(f"--decode is not available for --model-type {args.model_type} "
+                             f"(available: {sorted(DECODE_TYPES)})")
+        with np.load(args.decode) as data:
+            decode = {k: data[k] for k in data.files}
+        params = {k[len("param/"):]: v for k, v in decode.items() if k.startswith("param/")}
+        if args.weights is not None:
+            params = read_state_dict(args.weights)
+        elif args.reference is not None:
+            params = read_state_dict(args.reference)
+        if not params:
+            raise ValueError(f"{args.decode} holds no param/ arrays: pass the weights with --reference MODEL.npz "
+                             f"or --weights")
+        report = DECODE_TYPES[args.model_type](args.config, params, decode, atol=args.atol, impl=args.impl,
+                                               segment=args.segment)
+    except (ConfigError, CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"hsa-compare: error: {e}", file=sys.stderr)
+        return 2
+    print(f"hsa-compare --decode: {args.decode} (config {args.config}, weights "
+          f"{args.weights or args.reference or args.decode}, segment {args.segment}, backend {jax.default_backend()})")
     print(report.format())
     return 0 if report.ok else 1
 
