@@ -24,7 +24,7 @@ from train.step import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_lower_layers=1",
-         "model.num_upper_layers=1", "model.chunk_size=16", "model.sliding_window=16", "model.retrieval_dim=64",
+         "model.num_upper_layers=1", "model.encoder_layers=0", "model.chunk_size=16", "model.sliding_window=16", "model.retrieval_dim=64",
          "seq_len=64", "global_batch_size=8", "log_every=1", "eval_batches=1"]
 
 
