@@ -168,7 +168,8 @@ def bench_shape(shape, key, impls, params, correlated=False):
 
 def breakdown(shape, key, params):
     """ms of each piece of the Pallas op: forward kernel, dq kernel, dk/dv (reverse index + kernel +
-    split sum), and inside the reverse index its sort and its bincount."""
+    split sum), the reverse index alone, its uint32 sort alone, and (for docs/benchmarks.md's record
+    of the replaced version) a jnp.bincount over the indices."""
     Z, L, HQ, H, D, K, S = shape
     q, k, v, w, idx, do = make_inputs(key, Z, L, L, HQ, H, D, K, S, jnp.bfloat16)
     dims = hsa.make_dims(q, k, w, chunk_size=S, params=params)
