@@ -1,0 +1,114 @@
+"""Synthetic retrieval corpus for the extrapolation demo (README "Extrapolation demo").
+
+Two byte-level token indexes (the bundled byte tokenizer: ids 0-255 are UTF-8 bytes, 256 is EOS):
+
+  haystack   filler text: sentences drawn at random from a small set (RULER's "noise" haystack style),
+             one document per `doc_tokens` tokens. hsa-eval reads its haystacks from here.
+  train      `samples` documents of exactly `seq_len` tokens, each a single-needle (S-NIAH) sample in the
+             format of hsa_jax.ruler.RulerTasks.s_niah: filler with the needle
+             " |One of the special magic numbers for long-context is:" + 7 random key bytes + "|" at a
+             uniform position, and the question "... Answer: " + key + EOS at the end. Keys and positions
+             come from this generator's own seed (not from the haystack, whose few distinct first/last
+             bytes would repeat keys). Train with data.mode=sequential and data.seq_len=seq_len so that
+             every window is one sample.
+
+    python -m data_pipeline.synthetic OUT_DIR [--samples 50000] [--seq-len 512] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+from .index import read_manifest, token_dtype, write_manifest, ShardWriter
+from .tokenizer import ByteTokenizer
+
+FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                    "There and back again.", "The river flows to the sea.", "Birds sing in the morning.",
+                    "A cat sleeps on the mat.")
+NEEDLE = " |One of the special magic numbers for long-context is:"
+NEEDLE_END = "|"
+QUESTION = " What is the special magic number for long-context mentioned in the provided text? Answer: "
+KEY_LEN = 7
+KEY_LOW, KEY_HIGH = 100, 256  # the byte tokenizer's RulerTasks range (EOS 256 excluded)
+
+
+def _enc(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), np.uint8).astype(np.int64)
+
+
+def filler(rng: np.random.Generator, n_tokens: int) -> np.ndarray:
+    """At least n_tokens byte tokens of random filler sentences (space separated), cut to n_tokens."""
+    encoded = [_enc(s + " ") for s in FILLER_SENTENCES]
+    mean = np.mean([len(e) for e in encoded])
+    picks = rng.integers(len(encoded), size=int(n_tokens / mean * 1.3) + 8)
+    out = np.concatenate([encoded[i] for i in picks])
+    while len(out) < n_tokens:
+        out = np.concatenate([out, encoded[int(rng.integers(len(encoded)))]])
+    return out[:n_tokens]
+
+
+def niah_sample(rng: np.random.Generator, seq_len: int) -> np.ndarray:
+    """One S-NIAH sequence of exactly seq_len tokens (the RulerTasks.s_niah layout, own randomness)."""
+    key = rng.integers(KEY_LOW, KEY_HIGH, size=KEY_LEN)
+    needle = np.concatenate([_enc(NEEDLE), key, _enc(NEEDLE_END)])
+    prompt = np.concatenate([_enc(QUESTION), key, [ByteTokenizer.eos_id]])
+    body = filler(rng, seq_len - len(needle) - len(prompt))
+    start = int(rng.integers(len(body) + 1))
+    out = np.concatenate([body[:start], needle, body[start:], prompt])
+    assert len(out) == seq_len
+    return out
+
+
+def _write(directory: pathlib.Path, docs) -> dict:
+    tok = ByteTokenizer()
+    dtype = token_dtype(tok.vocab_size)
+    writer = ShardWriter(directory, "shard-00000", dtype, {})
+    for doc in docs:
+        writer.write(doc.astype(dtype), np.array([len(doc)], np.int64))
+    shard = writer.close()
+    return write_manifest(directory, tokenizer=tok.describe(), vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+                          shards=[shard])
+
+
+def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_len: int = 512, seed: int = 0,
+                    haystack_docs: int = 64, doc_tokens: int = 65536) -> dict[str, pathlib.Path]:
+    """Writes OUT/train and OUT/haystack (skipped when already complete); returns their paths."""
+    out = pathlib.Path(out_dir)
+    paths = {"train": out / "train", "haystack": out / "haystack"}
+    rng = np.random.default_rng(seed)
+    if not (paths["haystack"] / "manifest.json").exists():
+        eos = np.array([ByteTokenizer.eos_id])
+        _write(paths["haystack"], (np.concatenate([filler(rng, doc_tokens - 1), eos]) for _ in range(haystack_docs)))
+    if not (paths["train"] / "manifest.json").exists():
+        rng = np.random.default_rng([seed, 1])
+        # each sample already ends with EOS (the end of its question prompt)
+        _write(paths["train"], (niah_sample(rng, seq_len) for _ in range(samples)))
+    for p in paths.values():
+        read_manifest(p)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=pathlib.Path)
+    p.add_argument("--samples", type=int, default=50000)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack-docs", type=int, default=64)
+    p.add_argument("--doc-tokens", type=int, default=65536)
+    a = p.parse_args(argv)
+    paths = build_synthetic(a.out, samples=a.samples, seq_len=a.seq_len, seed=a.seed,
+                            haystack_docs=a.haystack_docs, doc_tokens=a.doc_tokens)
+    for name, path in paths.items():
+        m = read_manifest(path)
+        print(f"{name}: {path} ({m['total_tokens']} tokens, {m['num_documents']} documents)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""`hsa-eval`: RULER-style retrieval accuracy and perplexity over a sweep of context lengths.
+
+Every sample is built from a haystack window of the token index (window i of length L starts at i*L,
+clamped to total - L - 1, as the original's sequential LongRNNDataset), turned into a task by
+hsa_jax.ruler (as the original builds it), and scored as eval_ruler.py does: q ++ a is fed teacher
+forced through the cached decoder (segmented prefill), and a sample is a hit iff the argmax predicts
+every answer token but the final EOS. Perplexity at length L: mean NLL of windows of L + 1 tokens
+(all L predictions, and the second half alone: the tokens with at least L/2 of context).
+
+    hsa-eval --checkpoint runs/extrapolation_tiny --haystack runs/extrapolation_data/haystack \
+        --tokenizer bytes --tasks s_niah --lengths 512,4096,16384,32768 --samples 20 --out runs/eval
+    hsa-eval --weights model.safetensors --config config.json --tokenizer tokenizer.json \
+        --haystack /data/pile_neox_val --lengths 1K,4K,16K,64K,256K,1M --ppl
+
+Writes OUT/results.json and OUT/accuracy.png (accuracy vs length, one line per task); prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+from hsa_jax.ruler import TASKS, RulerTasks, TextTokenizer, score
+
+
+def parse_length(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 * 1024}.get(t[-1:], 1)
+    return int(float(t[:-1]) * mult) if t[-1:] in "KM" else int(t)
+
+
+def haystack_window(index, i: int, L: int) -> np.ndarray:
+    if index.total_tokens < L + 2:
+        raise ValueError(f"the haystack index {index.directory} has {index.total_tokens} tokens, fewer than "
+                         f"a window of {L}")
+    start = min(i * L, index.total_tokens - L - 1)
+    return index.read(start, L).astype(np.int64)
+
+
+def run_task(decoder, task, *, capacity=None):
+    """Teacher-forced hit/miss of one task sample through the decoder."""
+    ids = np.asarray(task.ids)[None]
+    tail = task.scored + 2
+    cache = None
+    if ids.shape[1] > tail:
+        _, cache = decoder.prefill(ids[:, :-tail], logits="none", capacity=ids.shape[1])
+    logits, _ = decoder.prefill(ids[:, -tail:], cache, logits="all", capacity=ids.shape[1])
+    return score(np.asarray(logits[0]), task)
+
+
+def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: int, log=print) -> dict:
+    builder = RulerTasks(tok)
+    results = {}
+    for name in tasks:
+        results[name] = {}
+        for L in lengths:
+            t0 = time.perf_counter()
+            hits = 0
+            for i in range(samples):
+                hits += run_task(decoder, builder.build(name, haystack_window(index, i, L)))
+            dt = time.perf_counter() - t0
+            results[name][str(L)] = {"accuracy": hits / samples, "hits": hits, "samples": samples, "seconds": dt}
+            log(f"hsa-eval: {name} L={L}: {hits}/{samples} ({dt:.1f} s)")
+    return results
+
+
+def evaluate_ppl(decoder, index, lengths, samples: int, log=print) -> dict:
+    out = {}
+    for L in lengths:
+        t0 = time.perf_counter()
+        nll, nll_tail, n, n_tail = 0.0, 0.0, 0, 0
+        for i in range(samples):
+            w = haystack_window(index, i, L + 1)[None]
+            lp, _ = decoder.prefill(w[:, :-1], labels=w[:, 1:], capacity=L)
+            lp = -np.asarray(lp[0], np.float64)
+            nll, n = nll + lp.sum(), n + L
+            nll_tail, n_tail = nll_tail + lp[L // 2:].sum(), n_tail + L - L // 2
+        out[str(L)] = {"nll": nll / n, "ppl": float(np.exp(nll / n)), "ppl_second_half": float(np.exp(nll_tail / n_tail)),
+                       "tokens": n, "samples": samples, "seconds": time.perf_counter() - t0}
+        log(f"hsa-eval: ppl L={L}: {out[str(L)]['ppl']:.3f}")
+    return out
+
+
+def format_table(results: dict, ppl: dict | None, lengths) -> str:
+    head = ["task"] + [_fmt_len(L) for L in lengths]
+    rows = [[name] + [f"{100 * r[str(L)]['accuracy']:.1f}%" if str(L) in r else "-" for L in lengths]
+            for name, r in results.items()]
+    if ppl:
+        rows.append(["ppl"] + [f"{ppl[str(L)]['ppl']:.3f}" if str(L) in ppl else "-" for L in lengths])
+        rows.append(["ppl (2nd half)"] + [f"{ppl[str(L)]['ppl_second_half']:.3f}" if str(L) in ppl else "-"
+                                          for L in lengths])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _fmt_len(L: int) -> str:
+    if L % (1024 * 1024) == 0:
+        return f"{L // (1024 * 1024)}M"
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def plot(results: dict, lengths, path: pathlib.Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        xs = [L for L in lengths if str(L) in r]
+        ax.plot(xs, [100 * r[str(L)]["accuracy"] for L in xs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_fmt_len(L) for L in lengths])
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="hsa-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=pathlib.Path, help="hsa-train workdir (or checkpoints/ or a step dir)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--weights", type=pathlib.Path, help="converted original weights (with --config)")
+    p.add_argument("--config", type=pathlib.Path, help="original HF-style config.json")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--haystack", required=True, type=pathlib.Path, help="token index dir (hsa-preprocess build)")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' or the index's tokenizer.json")
+    p.add_argument("--tasks", default="s_niah", help=f"comma-separated, from {','.join(TASKS)}; '' for none")
+    p.add_argument("--lengths", default="512,4K,16K,32K", help="comma-separated context lengths (K/M suffixes)")
+    p.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    p.add_argument("--ppl", action="store_true", help="also perplexity by length over the haystack")
+    p.add_argument("--ppl-samples", type=int, default=2)
+    p.add_argument("--segment", type=int, default=4096, help="prefill segment length")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/eval"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from data_pipeline import TokenIndex
+        from hsa_jax.decode import make_decoder
+        from hsa_jax.generate import load_model
+
+        lengths = sorted(parse_length(x) for x in args.lengths.split(",") if x.strip())
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        bad = [t for t in tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown tasks {bad}; available: {', '.join(TASKS)}")
+        if not lengths or min(lengths) < 64:
+            raise ValueError(f"--lengths {args.lengths}: need lengths >= 64")
+        index = TokenIndex(args.haystack)
+        tok = TextTokenizer.load(args.tokenizer)
+        model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config, step=args.step,
+                           dtype=args.dtype)
+        if index.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"haystack vocab {index.vocab_size} > model vocab {model.cfg.vocab_size}")
+        decoder = make_decoder(model, segment_len=args.segment)
+        t0 = time.perf_counter()
+        results = evaluate_tasks(decoder, index, tok, tasks, lengths, args.samples)
+        ppl = evaluate_ppl(decoder, index, lengths, args.ppl_samples) if args.ppl else None
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hsa-eval: error: {e}", file=sys.stderr)
+        return 2
+    table = format_table(results, ppl, lengths)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"model": str(args.checkpoint or args.weights), "haystack": str(args.haystack),
+              "tokenizer": args.tokenizer, "lengths": lengths, "samples": args.samples, "segment": args.segment,
+              "backend": jax.default_backend(), "seconds": time.perf_counter() - t0, "tasks": results,
+              "perplexity": ppl, "table": table}
+    (args.out / "results.json").write_text(json.dumps(record, indent=1))
+    if results:
+        plot(results, lengths, args.out / "accuracy.png", f"{args.checkpoint or args.weights}")
+    print(f"hsa-eval: wrote {args.out / 'results.json'}" + (f" and {args.out / 'accuracy.png'}" if results else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""RULER task construction and scoring (hsa_jax/ruler.py), generate() (greedy, sampling, stop tokens),
+checkpoint restore, and hsa-eval end to end on a tiny random model (table, JSON, PNG)."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipeline.synthetic import build_synthetic, niah_sample
+from hsa_jax import evaluate
+from hsa_jax.config import SWAHSAConfig
+from hsa_jax.decode import SWAHSADecoder
+from hsa_jax.generate import generate, restore_checkpoint
+from hsa_jax.interop import save_safetensors
+from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.ruler import RulerTasks, Task, TextTokenizer, score
+
+BYTES = TextTokenizer.load("bytes")
+TASKS = RulerTasks(BYTES)
+
+
+def haystack(L, seed=0):
+    rng = np.random.default_rng(seed)
+    text = " ".join(rng.choice(["The grass is green.", "The sky is blue.", "Here we go."], size=L))
+    return np.frombuffer(text.encode(), np.uint8)[:L].astype(np.int64)
+
+
+def count(seq, sub) -> int:
+    seq, sub = list(seq), list(sub)
+    return sum(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def enc(text):
+    return BYTES.encode(text)
+
+
+@pytest.mark.parametrize("L", [300, 1000])
+def test_s_niah_construction(L):
+    h = haystack(L, L)
+    t = TASKS.s_niah(h)
+    assert len(t.ids) == L and np.array_equal(t.ids, np.concatenate([t.q, t.a]))
+    key = t.a[:-1]
+    assert len(key) == 7 and t.a[-1] == 256 and all(100 <= k < 256 for k in key) and t.scored == 7
+    needle = enc(" |One of the special magic numbers for long-context is:") + list(key) + enc("|")
+    assert count(t.ids, needle) == 1  # the needle is present exactly once
+    question = enc(" What is the special magic number for long-context mentioned in the provided text? Answer: ")
+    assert list(t.q[-len(question):]) == question
+    # deterministic for a haystack (Python-int seeding), and another haystack gives another key
+    assert np.array_equal(TASKS.s_niah(h).ids, t.ids)
+    h2 = h.copy()
+    h2[0] = h[0] + 1
+    assert not np.array_equal(TASKS.s_niah(h2).a, t.a)
+
+
+def test_multi_needle_tasks():
+    h = haystack(2000, 1)
+    t = TASKS.mq_niah(h)
+    assert len(t.ids) == 2000 and np.array_equal(t.ids, np.concatenate([t.q, t.a]))
+    text = bytes(t.ids[:-1].astype(np.uint8)).decode()
+    needles = [s for s in text.split("|") if s.startswith(" One of the special magic numbers for ")]
+    assert len(needles) == 6
+    pairs = dict(s[len(" One of the special magic numbers for "):].rstrip(".").split(" is ") for s in needles)
+    asked = text.split("magic numbers for ")[-1].split(" mentioned")[0].split(" and ")
+    assert len(asked) == 2 and all(text.count(f"for {n} is {pairs[n]}.") == 1 for n in asked)
+    assert bytes(t.a[:-1].astype(np.uint8)).decode() == " ".join(pairs[n] for n in asked)
+    assert text.endswith(". Answer: " + " ".join(pairs[n] for n in asked))
+
+    mk = TASKS.mk_niah(h)
+    asked = bytes(mk.ids.astype(np.uint8)).decode().split("magic numbers for ")[-1].split(" mentioned")[0]
+    assert " and " not in asked and len(asked) == 5
+
+    vt = TASKS.vt(h)
+    text = bytes(vt.ids[:-1].astype(np.uint8)).decode()
+    value = text.split("assigned the value ")[-1].split(".")[0]
+    first = text.split(f"= {value}|")[0].split("|VAR ")[-1].strip()
+    second = text.split(f"= {first}|")[0].split("|VAR ")[-1].strip()
+    third = text.split(f"= {second}|")[0].split("|VAR ")[-1].strip()
+    assert text.endswith(f". Answer: {first}, {second}, {third}")
+    assert bytes(vt.a[:-1].astype(np.uint8)).decode() == f" {third}"  # cut after the last comma
+
+    pk = TASKS.passkey(h)
+    text = bytes(pk.ids[:-1].astype(np.uint8)).decode()
+    key = bytes(pk.a[:-1].astype(np.uint8)).decode().strip()
+    assert len(key) == 5 and text.count(f"The pass key is {key}.") == 1
+
+    fwe = TASKS.fwe(haystack(600, 2))  # its length is only roughly L (for bytes: above it)
+    words = bytes(fwe.a[:-1].astype(np.uint8)).decode().split()
+    assert fwe.a[-1] == 256 and len(words) == 3 and all(len(w) == 5 for w in words)
+
+
+def test_score():
+    a = np.array([5, 6, 7, 256])
+    t = Task(np.concatenate([np.arange(10), a]), np.arange(10), a)
+    logits = np.zeros((len(t.ids), 257))
+    logits[np.arange(len(t.ids) - 1), t.ids[1:]] = 1.0  # perfect teacher-forced predictions
+    assert score(logits, t)
+    logits[-3, 7], logits[-3, 9] = 0.0, 2.0  # the prediction of the last scored token is wrong
+    assert not score(logits, t)
+    logits[-3, 9], logits[-3, 7] = 0.0, 1.0
+    logits[-2, 0] = 5.0  # the final EOS is not scored
+    assert score(logits, t)
+    assert score(logits[-5:], t)  # only the tail is needed
+
+
+def test_synthetic_sample_is_an_s_niah_sample():
+    s = niah_sample(np.random.default_rng(0), 512)
+    key = s[-8:-1]
+    assert len(s) == 512 and s[-1] == 256
+    assert count(s, enc(" |One of the special magic numbers for long-context is:") + list(key) + enc("|")) == 1
+
+
+TINY = dict(vocab_size=257, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+            num_kv_heads=1, num_lower_layers=1, num_upper_layers=1, chunk_size=32, chunk_topk=2,
+            retrieval_dim=32, encoder_layers=1, sliding_window=32, initializer_range=0.2, hsa_impl="xla")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return SWAHSAForCausalLM(SWAHSAConfig.from_dict(TINY), rngs=nnx.Rngs(3))
+
+
+def test_generate_greedy_sampling_stop(tiny_model):
+    dec = SWAHSADecoder(tiny_model, segment_len=64)
+    prompt = np.random.default_rng(0).integers(0, 256, (2, 40))
+    g = generate(dec, prompt, 30)
+    assert g.tokens.shape == (2, 30) and (g.lengths == 30).all()
+    # greedy == argmax of the training forward over prompt ++ generated
+    full = np.concatenate([prompt, g.tokens], 1)[:, :64]
+    ref = np.asarray(tiny_model(full))
+    np.testing.assert_array_equal(ref[:, 39:63].argmax(-1), g.tokens[:, :24])
+    # top-k 1 sampling is greedy; temperature sampling is seeded and differs from greedy
+    np.testing.assert_array_equal(generate(dec, prompt, 30, temperature=1.0, top_k=1, seed=5).tokens, g.tokens)
+    s1 = generate(dec, prompt, 30, temperature=2.0, seed=1).tokens
+    assert np.array_equal(s1, generate(dec, prompt, 30, temperature=2.0, seed=1).tokens)
+    assert not np.array_equal(s1, g.tokens)
+    # stop tokens: row 0 stops at its first occurrence of the stop token; padding after it
+    stop = int(g.tokens[0, 3])
+    gs = generate(dec, prompt, 30, stop_tokens=[stop], pad_id=-1)
+    first = int(np.flatnonzero(g.tokens[0] == stop)[0])
+    assert gs.lengths[0] == first + 1 and (gs.tokens[0, first + 1:] == -1).all()
+    np.testing.assert_array_equal(gs.tokens[0, :first + 1], g.tokens[0, :first + 1])
+
+
+def test_checkpoint_restore(tiny_model, tmp_path):
+    import jax
+    from train.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path / "run" / "checkpoints", keep=1)
+    state = {"params": nnx.state(tiny_model, nnx.Param), "opt_state": {}, "step": np.int32(7)}
+    cfg = {"model_type": "swa_hsa", "model": tiny_model.cfg.to_dict()}
+    ck.save(7, state, b"{}", cfg, jax.random.key_data(jax.random.key(0)))
+    ck.wait()
+    ck.close()
+    model, run_cfg = restore_checkpoint(tmp_path / "run")
+    assert run_cfg["model"]["hidden_size"] == 32
+    ids = np.arange(64)[None] % 250
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(tiny_model(ids)))
+
+
+def test_hsa_eval_end_to_end(tiny_model, tmp_path, capsys):
+    paths = build_synthetic(tmp_path / "data", samples=4, seq_len=256, haystack_docs=2, doc_tokens=3000)
+    save_safetensors(tiny_model, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(tiny_model.cfg.to_dict()))
+    out = tmp_path / "eval"
+    rc = evaluate.main(["--weights", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "config.json"),
+                        "--haystack", str(paths["haystack"]), "--tasks", "s_niah,passkey", "--lengths", "256,1K",
+                        "--samples", "2", "--ppl", "--ppl-samples", "1", "--segment", "512", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "s_niah" in printed and "passkey" in printed and "1K" in printed and "ppl" in printed
+    record = json.loads((out / "results.json").read_text())
+    assert set(record["tasks"]) == {"s_niah", "passkey"} and record["lengths"] == [256, 1024]
+    assert record["tasks"]["s_niah"]["1024"]["samples"] == 2
+    assert 1.0 < record["perplexity"]["256"]["ppl"] < 1e4
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert evaluate.main(["--weights", "x", "--config", "y", "--haystack", str(paths["haystack"]),
+                          "--tasks", "nope"]) == 2
