@@ -91,6 +91,15 @@ class SwiGLU(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def attention_backend(dtype, head_dim: int, seq_len: int) -> str | None:
+    """cuDNN flash attention on GPU for 16-bit inputs of a length cuDNN takes (multiples of 64; the
+    chunk encoder's S+1 tokens are short and take XLA, as do fp32 parity runs). The default of
+    jax.nn.dot_product_attention is XLA, which materialises the full T x T logits."""
+    usable = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+              and seq_len % 64 == 0)
+    return "cudnn" if usable and jax.default_backend() == "gpu" else None
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with per-head q/k RMSNorm applied before RoPE.
 
@@ -120,7 +129,8 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(u_NxTxD, cos, sin)
         a = jax.nn.dot_product_attention(
             q, k, v, is_causal=window is not None,
-            local_window_size=None if window is None else (window, 0))
+            local_window_size=None if window is None else (window, 0),
+            implementation=attention_backend(q.dtype, self.head_dim, q.shape[1]))
         return self.o_proj(a.reshape(*u_NxTxD.shape[:2], self.heads * self.head_dim))
 
 

@@ -150,21 +150,26 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
             step += 1
             window_steps += 1
             bar.update(1)
+            if step == start + 1:  # keep compilation out of the throughput numbers
+                jax.block_until_ready(state)
+                summary["compile_s"] = time.perf_counter() - window_start
+                window_start, window_steps = time.perf_counter(), 0
             if cfg.run.nan_policy == "stop" and not bool(m["finite"]):
                 raise FloatingPointError(f"non-finite loss or gradient at step {step} (run.nan_policy=stop); "
                                          f"the last checkpoint is kept in {ckpt.directory}")
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 loss = float(m["loss"])
-                dt = (time.perf_counter() - window_start) / window_steps
                 record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                          "grad_norm": float(m["grad_norm"]), "skipped": not bool(m["finite"]),
-                          "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
-                if peak:
-                    record["mfu"] = flops_per_step / dt / (peak * jax.device_count())
+                          "grad_norm": float(m["grad_norm"]), "skipped": not bool(m["finite"])}
+                if window_steps:  # throughput over the steps since the last log (compilation excluded)
+                    dt = (time.perf_counter() - window_start) / window_steps
+                    record.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+                    if peak:
+                        record["mfu"] = flops_per_step / dt / (peak * jax.device_count())
                 metrics.write(record)
                 summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else loss
                 summary["last_loss"] = loss
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.run.eval_every == 0 or step == cfg.run.steps:
                 ev = evaluate(eval_step, state["params"], cfg, eval_index, mesh, cfg.run.eval_batches)
