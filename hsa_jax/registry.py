@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from hsa_jax.config import ConfigError, SWAHSAConfig
+from hsa_jax.drt import DRTForCausalLM
+from hsa_jax.drt_config import DRTConfig
 from hsa_jax.model import SWAHSAForCausalLM
 
 
@@ -21,6 +23,7 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {
     "swa_hsa": ModelFamily(SWAHSAConfig, SWAHSAForCausalLM),
+    "drt": ModelFamily(DRTConfig, DRTForCausalLM),
 }
 
 

@@ -94,3 +94,38 @@ def hsa_attention_reference(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx
     out = jnp.zeros((N, B, Q, H, G, D), f32)
     out, _ = jax.lax.scan(one_slot, out, (idx_KxNxBxH, w_KxNxBxH))
     return out.reshape(N, Lq, HQ, D).astype(q_NxLxHQxD.dtype)
+
+
+def check_gca_args(q, k, v, weights) -> int:
+    """Validates shapes of the GCA op's arguments; returns G = query heads per kv head. Raises
+    ValueError naming the offending argument."""
+    if q.ndim != 4 or k.ndim != 5 or k.shape != v.shape:
+        raise ValueError(f"gca_attention: q must be (B, HQ, Lq, D) and k, v (B, H, K, Lk, D) alike; "
+                         f"got q{q.shape}, k{k.shape}, v{v.shape}")
+    b, hq, _, d = q.shape
+    bk, h, kk, _, dk = k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"gca_attention: k{k.shape} must match q{q.shape} in batch and head_dim")
+    if hq % h:
+        raise ValueError(f"gca_attention: query heads {hq} must be a multiple of kv heads {h}")
+    if weights.shape != (b, kk):
+        raise ValueError(f"gca_attention: weights{weights.shape} must be (B={b}, K={kk})")
+    return hq // h
+
+
+def gca_attention_reference(q_BxHQxLqxD, k_BxHxKxLkxD, v_BxHxKxLkxD, w_BxK, *, scale: float | None = None):
+    """Reference GCA op (DRT grouped cross attention, drt_spec.md §2) in fp32:
+        o[b, h, i] = sum_k w[b, k] * sum_j softmax_j(scale * q[b, h, i] . k[b, h//G, k, j]) v[b, h//G, k, j]
+    Each of the K retrieved chunks has its own softmax over its Lk keys (no mask, no softmax+1); the
+    results are mixed linearly by the weights, shared by all heads. Returns (B, HQ, Lq, D) in q's dtype."""
+    G = check_gca_args(q_BxHQxLqxD, k_BxHxKxLkxD, v_BxHxKxLkxD, w_BxK)
+    B, HQ, Lq, D = q_BxHQxLqxD.shape
+    H = k_BxHxKxLkxD.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    f32 = jnp.float32
+    q = q_BxHQxLqxD.astype(f32).reshape(B, H, G, Lq, D)
+    x_BxHxGxKxLqxLk = jnp.einsum("begid,bekjd->begkij", q, k_BxHxKxLkxD.astype(f32)) * scale
+    p = jax.nn.softmax(x_BxHxGxKxLqxLk, axis=-1)
+    o_BxHxGxKxLqxD = jnp.einsum("begkij,bekjd->begkid", p, v_BxHxKxLkxD.astype(f32))
+    o = jnp.einsum("begkid,bk->begid", o_BxHxGxKxLqxD, w_BxK.astype(f32))
+    return o.reshape(B, HQ, Lq, D).astype(q_BxHQxLqxD.dtype)

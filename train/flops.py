@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from hsa_jax.config import SWAHSAConfig
+from hsa_jax.drt import drt_flops_per_token
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
@@ -51,7 +52,7 @@ def swa_hsa_flops_per_token(cfg: SWAHSAConfig, seq_len: int) -> float:
     return 3.0 * flops
 
 
-FLOPS_PER_TOKEN = {"swa_hsa": swa_hsa_flops_per_token}
+FLOPS_PER_TOKEN = {"swa_hsa": swa_hsa_flops_per_token, "drt": drt_flops_per_token}
 
 
 def peak_flops_per_device() -> float | None:

@@ -1,0 +1,127 @@
+"""The Pallas GCA kernels (interpret mode on CPU) against the pure-jnp reference op, and both against the
+original's golden GCA outputs.
+
+Interpret mode starts every pallas_call output as NaN (checked in test_hsa_kernel.py's
+test_interpret_mode_poisons_unwritten_outputs), so an element a kernel forgets to write (the original
+leaves dq row 64 unwritten at Lq = 65, and every row at K = 1) is a NaN in o / dq / dk / dv / dw and
+fails the comparison.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import fixture_names, load_npz, rel_err
+from pallas_kernels import gca
+from pallas_kernels.gca import GCAParams, gca_attention, gca_attention_pallas
+from pallas_kernels.reference import hsa_attention_reference
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _inputs(rng, *, B, HQ, H, Lq, K, Lk, D, dtype, zero_last_key=False):
+    q, do = (jnp.asarray(rng.standard_normal((B, HQ, Lq, D)), dtype) for _ in range(2))
+    k, v = (rng.standard_normal((B, H, K, Lk, D)) for _ in range(2))
+    if zero_last_key:  # DRT at P % 64 == 0: the landmark slot's key and value are zero
+        k[:, :, :, -1], v[:, :, :, -1] = 0, 0
+    w = jax.nn.softmax(jnp.asarray(rng.standard_normal((B, K)), jnp.float32), axis=-1)
+    return q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), w, do
+
+
+def _value_and_grads(op, q, k, v, w, do):
+    @jax.jit
+    def run(q, k, v, w, do):
+        o, vjp = jax.vjp(op, q, k, v, w)
+        return (o, *vjp(do))
+    return run(q, k, v, w, do)
+
+
+def _case(B=1, HQ=2, H=2, Lq=64, K=2, Lk=64, D=32, dtype=jnp.float32):
+    return dict(B=B, HQ=HQ, H=H, Lq=Lq, K=K, Lk=Lk, D=D, dtype=dtype)
+
+
+GRID = {
+    "P64_K8": _case(K=8, D=64),
+    "P65_K4": _case(Lq=65, K=4, D=64),  # the S=64 configs: 65 query rows, one tile + 1 row
+    "P65_K1": _case(B=2, Lq=65, K=1),  # K=1: the original writes no dq row at all
+    "K3_batch3": _case(B=3, K=3),  # K not dividing 128 (the original asserts 128 % K == 0)
+    "K5_GQA2": _case(HQ=4, H=2, K=5),
+    "GQA4_K7_bf16": _case(HQ=4, H=1, K=7, D=64, dtype=jnp.bfloat16),
+    "P64_K8_bf16": _case(B=2, K=8, D=64, dtype=jnp.bfloat16),
+    "Lk48_D40": _case(Lq=40, K=3, Lk=48, D=40),  # padded key block and head dim
+    "decode_Lq1": _case(Lq=1, K=3, D=64),
+    "decode_Lq2_bf16": _case(Lq=2, K=8, D=32, dtype=jnp.bfloat16),
+    "Lq130_3tiles": _case(Lq=130, K=2, Lk=32, D=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRID))
+def test_kernel_matches_reference(name):
+    case = GRID[name]
+    q, k, v, w, do = _inputs(np.random.default_rng(), **case)
+    got = _value_and_grads(functools.partial(gca_attention, impl="interpret"), q, k, v, w, do)
+    want = _value_and_grads(functools.partial(gca_attention, impl="xla"), q, k, v, w, do)
+    for label, g, x in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+        assert g.shape == x.shape and g.dtype == x.dtype, label
+        assert bool(jnp.all(jnp.isfinite(g))), f"{label}: unwritten (NaN) elements"
+        assert rel_err(g, x) <= TOL[case["dtype"]], (label, rel_err(g, x))
+
+
+def test_block_size_variants_match_reference():
+    """Smaller query tiles (several per head, the last one partial) give the same results."""
+    q, k, v, w, do = _inputs(np.random.default_rng(), **_case(HQ=4, H=2, Lq=65, K=3))
+    want = _value_and_grads(functools.partial(gca_attention, impl="xla"), q, k, v, w, do)
+    for params in (GCAParams(block_q=16), GCAParams(block_q=32)):
+        got = _value_and_grads(functools.partial(gca_attention_pallas, params=params, interpret=True), q, k, v, w, do)
+        for label, g, x in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+            assert rel_err(g, x) <= 1e-5, (params, label)
+
+
+@pytest.mark.parametrize("name", fixture_names("drt", "gca_kernel_*.npz"))
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_original_gca_fixture(name, impl):
+    """o, dq, dk, dv, dw of the original GCA maths (torch autograd, fp32) for the given dO."""
+    d = load_npz("drt", name)
+    op = functools.partial(gca_attention, scale=float(d["sm_scale"]), impl=impl)
+    got = _value_and_grads(op, *(jnp.asarray(d[x]) for x in ("q", "k", "v", "weights", "do")))
+    for label, g in zip(("o", "dq", "dk", "dv", "dw"), got):
+        assert rel_err(g, d[label]) <= 1e-5, (label, rel_err(g, d[label]))
+
+
+def test_zero_landmark_slot_is_softmax_plus_one():
+    """A zero key/value in every chunk (DRT at P = 64) equals softmax-off-by-one over the other Lk-1
+    keys: checked against the HSA reference op with sm_n = 1 and one retrieval row per batch entry."""
+    B, HQ, Lq, K, Lk, D = 2, 2, 64, 3, 64, 32
+    q, k, v, w, _ = _inputs(np.random.default_rng(), **_case(B=B, HQ=HQ, H=HQ, Lq=Lq, K=K, Lk=Lk, D=D),
+                            zero_last_key=True)
+    got = gca_attention(q, k, v, w, impl="interpret")
+    to_hsa_kv = lambda x: x[:, :, :, :-1].transpose(0, 2, 3, 1, 4).reshape(B, K * (Lk - 1), HQ, D)
+    w_hsa = jnp.broadcast_to(w[:, None, None, :], (B, 1, HQ, K))
+    idx = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, 1, HQ, K))
+    want = hsa_attention_reference(q.transpose(0, 2, 1, 3), to_hsa_kv(k), to_hsa_kv(v), w_hsa, idx,
+                                   chunk_size=Lk - 1, sm_n=1.0).transpose(0, 2, 1, 3)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_forward_lse_fully_written():
+    case = _case(B=2, HQ=4, H=2, Lq=65, K=3)
+    q, k, v, w, _ = _inputs(np.random.default_rng(), **case)
+    dims = gca._Dims(B=2, HQ=4, H=2, Lq=65, K=3, Lk=64, D=32, scale=32 ** -0.5, itemsize=4, params=GCAParams(),
+                     interpret=True)
+    o, lse = gca._forward(q, k, v, w, dims)
+    assert lse.shape == (2 * 4 * 3 * 65,)
+    assert bool(jnp.all(jnp.isfinite(lse))) and bool(jnp.all(jnp.isfinite(o)))
+
+
+def test_bad_shapes_raise_naming_the_argument():
+    q = jnp.zeros((2, 4, 64, 32))
+    kv = jnp.zeros((2, 2, 3, 64, 32))
+    with pytest.raises(ValueError, match=r"weights\(2, 2\) must be \(B=2, K=3\)"):
+        gca_attention(q, kv, kv, jnp.zeros((2, 2)), impl="interpret")
+    with pytest.raises(ValueError, match="query heads 4 must be a multiple of kv heads 3"):
+        gca_attention(q, jnp.zeros((2, 3, 3, 64, 32)), jnp.zeros((2, 3, 3, 64, 32)), jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        gca_attention(q, kv, kv, jnp.zeros((2, 3)), impl="cuda")
