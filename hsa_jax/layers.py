@@ -9,6 +9,9 @@ Activations run in the dtype of their input; parameters are cast to it at use.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +94,30 @@ class SwiGLU(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# (mesh, mesh axes of the batch dim) while a sharded step is traced; None otherwise.
+_BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded(mesh, batch_axes):
+    """While tracing under this context, `shard_batch` pins activations to batch-only sharding."""
+    token = _BATCH_SHARDING.set((mesh, batch_axes))
+    try:
+        yield
+    finally:
+        _BATCH_SHARDING.reset(token)
+
+
+def shard_batch(x):
+    """Constrains x to be split over its leading (batch) axis only, when a sharded step is traced."""
+    spec = _BATCH_SHARDING.get()
+    if spec is None:
+        return x
+    mesh, axes = spec
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes)))
+
+
 def attention_backend(dtype, head_dim: int, seq_len: int) -> str | None:
     """cuDNN flash attention on GPU for 16-bit inputs of a length cuDNN takes (multiples of 64; the
     chunk encoder's S+1 tokens are short and take XLA, as do fp32 parity runs). The default of
@@ -126,7 +153,8 @@ class Attention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(self, u_NxTxD, cos, sin, window: int | None):
-        q, k, v = self.project_qkv(u_NxTxD, cos, sin)
+        # cuDNN's partitioner needs q, k and v sharded alike (FSDP can leave them differently split).
+        q, k, v = (shard_batch(x) for x in self.project_qkv(u_NxTxD, cos, sin))
         a = jax.nn.dot_product_attention(
             q, k, v, is_causal=window is not None,
             local_window_size=None if window is None else (window, 0),

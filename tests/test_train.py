@@ -66,7 +66,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
 def _run_steps(cfg, mesh, n=3):
     graphdef, tx, state = init_state(cfg, mesh)
-    step = jax.jit(make_train_step(graphdef, tx, cfg))
+    step = jax.jit(make_train_step(graphdef, tx, cfg, mesh))
     from data_pipeline import make_loader
     loader = iter(make_loader(resolve_index("bundled"), seq_len=cfg.data.seq_len,
                               global_batch_size=cfg.data.global_batch_size, seed=1, process_index=0, process_count=1))

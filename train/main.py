@@ -126,9 +126,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     state_shardings = jax.tree.map(
         lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated(mesh), state)
     state = jax.device_put(state, state_shardings)
-    train_step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=0,
+    train_step = jax.jit(make_train_step(graphdef, tx, cfg, mesh), donate_argnums=0,
                          out_shardings=(state_shardings, replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(graphdef))
+    eval_step = jax.jit(make_eval_step(graphdef, mesh))
     schedule = lr_schedule(cfg.optim, cfg.run.steps)
     base_rng = jax.random.key(cfg.run.seed)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len

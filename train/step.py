@@ -6,12 +6,15 @@ The model computes in `model.dtype` (bf16 for real runs) from the fp32 parameter
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from hsa_jax.layers import batch_sharded
 
 from train.config import OptimConfig, TrainConfig
 
@@ -57,15 +60,18 @@ def token_nll(logits_NxTxV, labels_NxT):
     return jnp.where(valid, nll, 0.0), valid
 
 
-def make_train_step(graphdef, tx, cfg: TrainConfig):
+def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
     """-> train_step(state, batch_ids (B, L+1) int32, rng) -> (state, metrics). Gradients are
     accumulated over `grad_accum` micro-batches; the loss is the mean over all valid tokens of the
-    global batch, so accumulation equals one big batch."""
+    global batch, so accumulation equals one big batch. With a mesh, activations are kept split over
+    the batch axes only."""
+    from train.sharding import BATCH_AXES
     A, remat, nan_policy = cfg.optim.grad_accum, cfg.run.remat == "layer", cfg.run.nan_policy
 
     def nll_sum(params, ids, rng, total_valid):
         model = nnx.merge(graphdef, params)
-        logits = model(ids[:, :-1], train=True, rng=rng, remat=remat)
+        with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
+            logits = model(ids[:, :-1], train=True, rng=rng, remat=remat)
         nll, _ = token_nll(logits, ids[:, 1:])
         return jnp.sum(nll) / total_valid
 
@@ -96,10 +102,14 @@ def make_train_step(graphdef, tx, cfg: TrainConfig):
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, mesh=None):
     """-> eval_step(params, ids (B, L+1)) -> (nll sum, valid token count)."""
+    from train.sharding import BATCH_AXES
+
     def eval_step(params, ids_BxL1):
         model = nnx.merge(graphdef, params)
-        nll, valid = token_nll(model(ids_BxL1[:, :-1]), ids_BxL1[:, 1:])
+        with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
+            logits = model(ids_BxL1[:, :-1])
+        nll, valid = token_nll(logits, ids_BxL1[:, 1:])
         return jnp.sum(nll), jnp.sum(valid)
     return eval_step
