@@ -81,22 +81,35 @@ def _attn_layers(model) -> dict[int, tuple]:
     return out
 
 
-def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, positions_L, window: int):
+def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, positions_L, window: int, block: int = 0):
     """Sliding-window attention of the segment's queries over [ring ++ segment] keys.
-    -> (output (N, L, D), new ring). Query at p sees keys p-window..p (window+1 keys)."""
+    -> (output (N, L, D), (k, v) of the segment). Query at p sees keys p-window..p (window+1 keys).
+    block > 0 (and dividing L): queries go in blocks of `block`, each against its own window+block keys,
+    so memory is O(L * (window + block)) instead of O(L * (window + L))."""
     N, L, _ = u_NxLxD.shape
     q, k, v = attn.project_qkv(u_NxLxD, cos, sin)
     ring_k, ring_v = ring["k"], ring["v"]
     Wc = ring_k.shape[1]
-    slots = jnp.arange(Wc)
-    ring_pos = P - 1 - jnp.mod(P - 1 - slots, Wc)  # newest position < P with p % Wc == slot
-    keys = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)
-    vals = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
-    key_pos = jnp.concatenate([ring_pos, positions_L])
-    key_ok = jnp.concatenate([ring_pos >= 0, jnp.ones((L,), bool)])
-    qp, kp = positions_L[:, None], key_pos[None, :]
-    mask = key_ok[None, :] & (kp <= qp) & (kp >= qp - window)
-    a = jax.nn.dot_product_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), mask=mask[None, None])
+    # the ring in chronological order: entry j holds position P - Wc + j (invalid when negative)
+    order = jnp.mod(P - Wc + jnp.arange(Wc), Wc)
+    keys = jnp.concatenate([jnp.take(ring_k, order, axis=1), k.astype(ring_k.dtype)], axis=1).astype(q.dtype)
+    vals = jnp.concatenate([jnp.take(ring_v, order, axis=1), v.astype(ring_v.dtype)], axis=1).astype(q.dtype)
+    key_pos = P - Wc + jnp.arange(Wc + L)
+    if block and L % block == 0 and L > block:
+        nb = L // block
+        win = jnp.arange(nb)[:, None] * block + jnp.arange(Wc + block)[None, :]  # (nb, Wc + block)
+        kb = jnp.take(keys, win, axis=1).reshape(N * nb, Wc + block, *keys.shape[2:])
+        vb = jnp.take(vals, win, axis=1).reshape(N * nb, Wc + block, *vals.shape[2:])
+        qb = q.reshape(N * nb, block, *q.shape[2:])
+        qp = positions_L.reshape(nb, block, 1)
+        kp = key_pos[win][:, None, :]
+        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - window)  # (nb, block, Wc + block)
+        mask = jnp.broadcast_to(mask[None], (N, nb, block, Wc + block)).reshape(N * nb, 1, block, Wc + block)
+        a = jax.nn.dot_product_attention(qb, kb, vb, mask=mask).reshape(N, L, *q.shape[2:])
+    else:
+        qp, kp = positions_L[:, None], key_pos[None, :]
+        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - window)
+        a = jax.nn.dot_product_attention(q, keys, vals, mask=mask[None, None])
     out = attn.o_proj(a.reshape(N, L, attn.heads * attn.head_dim))
     return out, (k, v)
 
@@ -156,7 +169,7 @@ def _chunks_per_segment(L: int, S: int) -> int:
     return (S - 1 + L) // S
 
 
-def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_impl: str):
+def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_impl: str, swa_block: int = 0):
     """Runs one (padded) segment of L tokens, the first n real, through every layer with the cache.
     mode: "all" -> logits (N, L, V); "last" -> logits of row n-1 (N, V); "none" -> None;
     "nll" -> per-token log-probabilities of labels (N, L) (0 where label < 0)."""
@@ -177,7 +190,7 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
         key = str(i)
         if isinstance(layer, TransformerBlock):
             a, kv = _cached_swa(layer.self_attn, layer.input_layernorm(h), cos, sin, cache["attn"][key], P,
-                                positions, cfg.sliding_window)
+                                positions, cfg.sliding_window, swa_block)
             new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -189,7 +202,7 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
         elif isinstance(layer, HSALayer):
             if layer.attn is not None:
                 a, kv = _cached_swa(layer.attn, layer.swa_prenorm(h), cos, sin, cache["attn"][key], P, positions,
-                                    cfg.hsa_sliding_window or cfg.sliding_window)
+                                    cfg.hsa_sliding_window or cfg.sliding_window, swa_block)
                 new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
                 h = h + a
             if cfg.skip_hsa:
@@ -221,7 +234,7 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
 
 
 # One compiled program per (model structure, segment length, mode, HSA backend), shared by decoders.
-_segment_jit = jax.jit(_segment, static_argnums=(0,), static_argnames=("mode", "hsa_impl"), donate_argnums=(2,))
+_segment_jit = jax.jit(_segment, static_argnums=(0,), static_argnames=("mode", "hsa_impl", "swa_block"), donate_argnums=(2,))
 
 
 class SWAHSADecoder:
@@ -238,7 +251,7 @@ class SWAHSADecoder:
     """
 
     def __init__(self, model, *, segment_len: int = DEFAULT_SEGMENT, hsa_impl: str | None = None,
-                 step_hsa_impl: str = "xla"):
+                 step_hsa_impl: str = "xla", swa_block: int = 512):
         cfg = model.cfg
         if segment_len < 1:
             raise ValueError(f"segment_len={segment_len} must be >= 1")
@@ -248,6 +261,7 @@ class SWAHSADecoder:
         self.attn = {i: (a.kv_heads, a.head_dim, w) for i, (a, w) in _attn_layers(model).items()}
         self.hsa_impl = hsa_impl or cfg.hsa_impl
         self.step_hsa_impl = step_hsa_impl
+        self.swa_block = int(swa_block)
         self.vocab_size = cfg.vocab_size
 
     # ----- cache -----
@@ -281,7 +295,7 @@ class SWAHSADecoder:
 
     def _run(self, arrays, ids, n: int, labels, mode: str, impl: str):
         return _segment_jit(self.graphdef, self.params, arrays, jnp.asarray(ids), jnp.int32(n), jnp.asarray(labels),
-                            mode=mode, hsa_impl=impl)
+                            mode=mode, hsa_impl=impl, swa_block=self.swa_block)
 
     def _bucket(self, n: int) -> int:
         """Padded length of a final segment of n tokens: the next power of two (>= 64), capped."""

@@ -22,11 +22,11 @@ BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_h
             num_kv_heads=1, num_lower_layers=1, num_upper_layers=1, chunk_size=16, chunk_topk=3,
             retrieval_dim=64, encoder_layers=1, sliding_window=24, initializer_range=0.1, hsa_impl="xla")
 
-# name -> (config switches, prompt length, prefill segment length)
+# name -> (config switches, prompt length, prefill segment length[, SWA query block])
 CASES = {
-    "base_len77_seg32": ({}, 77, 32),
-    "hsa_swa_softmax1_len50_seg16": (dict(hsa_only=False, enable_softmax1=True, hsa_sliding_window=20), 50, 16),
-    "mask_slide_window_len64_seg4096": (dict(mask_slide_window=True), 64, 4096),
+    "base_len77_seg32_block8": ({}, 77, 32, 8),
+    "hsa_swa_softmax1_len50_seg16_block4": (dict(hsa_only=False, enable_softmax1=True, hsa_sliding_window=20), 50, 16, 4),
+    "mask_slide_window_len64_seg4096_block16": (dict(mask_slide_window=True), 64, 4096, 16),
     "two_groups_len33_seg7": (dict(num_upper_layers=2, num_upper_groups=2), 33, 7),
     "softmax_posdecay_qknorm_len17": (dict(enable_softmax=True, enable_pos_decay=True, enable_qk_norm=True,
                                            enable_lmk_norm=True, reset_hsa_residual=True), 17, 4096),
@@ -56,10 +56,10 @@ def full_logits(model, ids):
     return np.asarray(_forward(*nnx.split(model), np.concatenate([ids, pad], 1)))[:, :T]
 
 
-def decode_errors(model, ids, prompt_len, segment_len):
+def decode_errors(model, ids, prompt_len, segment_len, swa_block=512):
     """Max abs error of prefill logits (all prompt positions) and of STEPS teacher-forced steps."""
     ref = full_logits(model, ids)
-    dec = SWAHSADecoder(model, segment_len=segment_len)
+    dec = SWAHSADecoder(model, segment_len=segment_len, swa_block=swa_block)
     logits, cache = dec.prefill(ids[:, :prompt_len], logits="all", capacity=ids.shape[1])
     e_prompt = float(np.abs(np.asarray(logits) - ref[:, :prompt_len]).max())
     e_step = 0.0
@@ -72,11 +72,11 @@ def decode_errors(model, ids, prompt_len, segment_len):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_decode_equals_forward(name):
-    switches, prompt_len, segment = CASES[name]
+    switches, prompt_len, segment, *block = CASES[name]
     model = make_model(**switches)
     rng = np.random.default_rng(len(name))
     ids = rng.integers(3, model.cfg.vocab_size, (2, prompt_len + STEPS)).astype(np.int32)
-    e_prompt, e_step = decode_errors(model, ids, prompt_len, segment)
+    e_prompt, e_step = decode_errors(model, ids, prompt_len, segment, *block)
     assert e_prompt <= ATOL and e_step <= ATOL, (name, e_prompt, e_step)
 
 

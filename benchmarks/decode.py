@@ -1,0 +1,119 @@
+"""GPU decode benchmark of the cached SWA+HSA decoder (hsa_jax/decode.py): prefill time, decode
+tokens/s per sequence and memory, for context lengths x batch sizes, with the ~125M config
+(configs/swa_hsa_125m.yaml: D 768, 12 heads, 6+6 layers, S 64, K 8, W 512, vocab 50280) and random
+weights (speed does not depend on the values).
+
+    PYTHONPATH=. python3 benchmarks/decode.py                                   # 32K,128K,1M x batch 1,8
+    PYTHONPATH=. python3 benchmarks/decode.py --contexts 32K --batches 1 --steps 32   # quick
+
+Needs jax, flax (no grain, no orbax). Per row: the prefill of `context` random tokens in segments of
+--segment (compilation excluded: each shape is compiled on a warm-up first), then --steps one-token
+decode steps (timed after one warm-up step). Memory: the cache's bytes and the device's peak bytes in
+use. Rows that run out of memory are reported as OOM and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hsa_jax.config import SWAHSAConfig
+from hsa_jax.decode import SWAHSADecoder
+from hsa_jax.model import SWAHSAForCausalLM
+
+CONFIG_125M = dict(vocab_size=50280, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
+                   num_key_value_heads=4, num_kv_heads=1, num_lower_layers=6, num_upper_layers=6, num_upper_groups=1,
+                   chunk_size=64, chunk_topk=8, retrieval_dim=768, encoder_layers=1, sliding_window=512,
+                   initializer_range=0.02, tie_word_embeddings=True, dtype="bfloat16", param_dtype="float32")
+
+
+def parse_length(text: str) -> int:
+    t = text.strip().upper()
+    return int(float(t[:-1]) * {"K": 1024, "M": 1024 ** 2}[t[-1]]) if t[-1] in "KM" else int(t)
+
+
+def peak_bytes() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("peak_bytes_in_use", 0))
+
+
+def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    V = dec.cfg.vocab_size
+    capacity = context + steps + 2
+    seg = dec.segment_len
+    # warm-up: compile the full-segment shape, the last (bucketed) segment's shape and the step
+    rem = context % seg
+    warm = np.asarray(rng.integers(0, V, (batch, seg + (rem or seg))), np.int32)
+    _, c = dec.prefill(warm, logits="last", capacity=capacity)
+    logits, c = dec.step(np.zeros(batch, np.int32), c)
+    jax.block_until_ready(logits)
+    del c, logits
+
+    ids = np.asarray(rng.integers(0, V, (batch, context)), np.int32)
+    t0 = time.perf_counter()
+    logits, cache = dec.prefill(ids, logits="last", capacity=capacity)
+    jax.block_until_ready(logits)
+    prefill_s = time.perf_counter() - t0
+    tok = jnp.argmax(logits, -1)
+    logits, cache = dec.step(tok, cache)  # warm
+    jax.block_until_ready(logits)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = jnp.argmax(logits, -1)
+        logits, cache = dec.step(tok, cache)
+    jax.block_until_ready(logits)
+    decode_s = time.perf_counter() - t0
+    return {"context": context, "batch": batch, "prefill_s": prefill_s,
+            "prefill_tok_s": batch * context / prefill_s, "step_ms": 1e3 * decode_s / steps,
+            "tok_s_per_seq": steps / decode_s, "tok_s_total": batch * steps / decode_s,
+            "cache_gib": cache.nbytes() / 2 ** 30, "peak_gib": peak_bytes() / 2 ** 30}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="32K,128K,1M")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--steps", type=int, default=128, help="timed decode steps per row")
+    p.add_argument("--segment", type=int, default=8192, help="prefill segment length")
+    p.add_argument("--swa-block", type=int, default=512, help="SWA query block inside a prefill segment")
+    p.add_argument("--hsa-impl", default="auto", choices=("auto", "xla", "pallas"), help="HSA backend of the prefill")
+    p.add_argument("--step-hsa-impl", default="xla", choices=("xla", "pallas"), help="HSA backend of the decode step")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="weights as stored for inference (default bf16: half the bytes read per token)")
+    a = p.parse_args(argv)
+    cfg = SWAHSAConfig.from_dict({**CONFIG_125M, "dtype": a.dtype, "param_dtype": a.param_dtype,
+                                  "hsa_impl": a.hsa_impl})
+    model = SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(0))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    dec = SWAHSADecoder(model, segment_len=a.segment, swa_block=a.swa_block, step_hsa_impl=a.step_hsa_impl)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+          f"~125M SWA+HSA ({n_params / 1e6:.1f}M params, {a.param_dtype} weights, {a.dtype} compute), segment "
+          f"{a.segment}, prefill HSA {a.hsa_impl}, step HSA {a.step_hsa_impl}")
+    head = f"{'context':>8} {'batch':>5} {'prefill s':>10} {'prefill tok/s':>14} {'step ms':>8} " \
+           f"{'tok/s/seq':>10} {'tok/s total':>12} {'cache GiB':>10} {'peak GiB':>9}"
+    print(head)
+    print("-" * len(head))
+    for ctx in [parse_length(x) for x in a.contexts.split(",")]:
+        for batch in [int(x) for x in a.batches.split(",")]:
+            try:
+                r = bench(dec, ctx, batch, a.steps)
+            except Exception as e:  # OOM and the like: report and go on
+                msg = str(e).splitlines()[0][:80]
+                print(f"{ctx:>8} {batch:>5}  FAILED: {type(e).__name__}: {msg}", flush=True)
+                continue
+            print(f"{ctx:>8} {batch:>5} {r['prefill_s']:>10.2f} {r['prefill_tok_s']:>14.0f} {r['step_ms']:>8.2f} "
+                  f"{r['tok_s_per_seq']:>10.1f} {r['tok_s_total']:>12.1f} {r['cache_gib']:>10.2f} "
+                  f"{r['peak_gib']:>9.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
