@@ -14,6 +14,7 @@ Attribute names mirror the original state_dict keys; `load_original_state_dict` 
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -155,6 +156,78 @@ class DRTForCausalLM(nnx.Module):
             return logits
         aux["logits_lmk"] = m.embed_tokens.attend(h[:, :, S]).astype(jnp.float32)
         return logits, aux
+
+
+    def make_decoder(self, **kwargs) -> "DRTDecoder":
+        """The decoder of hsa_jax/generate.py and hsa-eval (hsa_jax.decode.make_decoder dispatches here)."""
+        return DRTDecoder(self)
+
+
+# ----------------------------------------------------------------------------- decoding (decode = forward)
+
+@dataclasses.dataclass(frozen=True)
+class DRTCache:
+    ids: np.ndarray  # (N, capacity rounded up to S) tokens consumed so far, right-padded with pad_id
+    pos: int  # tokens consumed
+
+
+class DRTDecoder:
+    """The prefill/step interface of hsa_jax/decode.py with decode = forward: the cache is the token
+    history, and each call reruns the batch forward over it, right-padded to the capacity rounded up to
+    S (one compile per capacity). Exact because every logit depends only on earlier tokens
+    (tests/test_drt.py checks it); costs a full forward per step. Chunk boundaries sit at multiples of S
+    from the first prompt token: the original instead left-pads a prompt to a multiple of S, and its
+    incremental path drops lmk_norms[g] from the retrieval query (spec §5); this follows the batch path."""
+
+    def __init__(self, model: DRTForCausalLM):
+        self.cfg = model.cfg
+        graphdef, self._params = nnx.split(model)  # passed as arguments: not baked into the programs
+        run = lambda p, ids: nnx.merge(graphdef, p)(ids)
+        self._last = jax.jit(lambda p, ids, i: run(p, ids)[:, i])
+        self._all = jax.jit(run)
+
+        def log_probs(p, ids, labels):
+            logp = jax.nn.log_softmax(run(p, ids), axis=-1)
+            lp = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+            return jnp.where(labels >= 0, lp, 0.0)
+        self._log_probs = jax.jit(log_probs)
+
+    def init_cache(self, batch: int, capacity: int) -> DRTCache:
+        S = self.cfg.enc_chunk_size
+        return DRTCache(np.full((batch, -(-capacity // S) * S), self.cfg.pad_id, np.int32), 0)
+
+    def prefill(self, ids, cache: DRTCache | None = None, *, logits: str = "last", capacity: int | None = None,
+                labels=None):
+        """Consumes ids (N, T) after `cache`. logits: "last" -> (N, V); "all" -> (N, T, V); "none" -> None.
+        With labels (N, T) (-1 = ignore): the per-token log-probabilities of the labels (N, T) instead."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
+        N, T = ids.shape
+        if cache is None:
+            cache = self.init_cache(N, capacity if capacity is not None else T)
+        if cache.ids.shape[0] != N or cache.pos + T > cache.ids.shape[1]:
+            raise ValueError(f"prefill: {T} tokens for batch {N} do not fit a cache of batch {cache.ids.shape[0]} "
+                             f"at position {cache.pos} of {cache.ids.shape[1]}; pass a larger capacity")
+        hist = cache.ids.copy()
+        hist[:, cache.pos:cache.pos + T] = ids
+        new = DRTCache(hist, cache.pos + T)
+        span = slice(cache.pos, cache.pos + T)
+        if labels is not None:
+            full = np.full(hist.shape, -1, np.int32)
+            full[:, span] = np.asarray(labels)
+            return self._log_probs(self._params, hist, full)[:, span], new
+        if logits == "none":
+            return None, new
+        if logits == "last":
+            return self._last(self._params, hist, new.pos - 1), new
+        if logits == "all":
+            return self._all(self._params, hist)[:, span], new
+        raise ValueError(f"logits={logits!r} must be one of ('all', 'last', 'none')")
+
+    def step(self, tokens, cache: DRTCache):
+        """One token per row: tokens (N,) -> logits (N, V) fp32 and the updated cache."""
+        return self.prefill(np.asarray(tokens).reshape(-1, 1), cache)
 
 
 # ----------------------------------------------------------------------------- PyTorch interop

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hsa_jax.layers import Dense, RMSNorm, SwiGLU, apply_rope
+from hsa_jax.layers import Dense, RMSNorm, SwiGLU, apply_rope, attention_backend
 from pallas_kernels.gca import gca_attention
 
 ALIBI_BLOCK = 256  # query rows per block of the banded ALiBi attention
@@ -44,14 +44,14 @@ class DRTAttention(nnx.Module):
         v = self.v_proj(u_NxTxD).reshape(N, T, self.kv_heads, self.head_dim)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        backend = attention_backend(q.dtype, self.head_dim, T)  # cuDNN flash for 16-bit on GPU
         if window is None:
-            a = jax.nn.dot_product_attention(q, k, v)
+            a = jax.nn.dot_product_attention(q, k, v, implementation=backend)
         elif self.alibi_slopes is not None:
             a = alibi_window_attention(q, k, v, jnp.asarray(self.alibi_slopes, jnp.float32), window)
-        elif window >= T - 1:
-            a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
-            a = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window, 0))
+            a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend,
+                                             local_window_size=None if window >= T - 1 else (window, 0))
         return self.o_proj(a.reshape(N, T, self.heads * self.head_dim))
 
 

@@ -6,14 +6,15 @@ import pathlib
 
 import numpy as np
 
+from hsa_jax import evaluate, generate
 from train.config import load_config
 from train.flops import train_flops_per_token
-from train.main import train
+from train.main import resolve_index, train
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "drt_tiny.yaml"
 
 
-def test_drt_tiny_trains_and_evaluates(tmp_path):
+def test_drt_tiny_trains_and_evaluates(tmp_path, capsys):
     cfg = load_config(CONFIG, [f"workdir={tmp_path}", "steps=30", "log_every=1", "eval_every=30",
                                "checkpoint_every=30", "eval_batches=1", "model.hidden_size=64",
                                "model.intermediate_size=128", "model.decoder_layers=[1, 1]"])
@@ -26,6 +27,14 @@ def test_drt_tiny_trains_and_evaluates(tmp_path):
     assert np.isfinite(summary["eval_loss"]) and summary["eval_loss"] < losses[0]
     assert (tmp_path / "checkpoints" / "30").exists()
     assert train_flops_per_token("drt", cfg.model, cfg.data.seq_len) > 0
+    # The trained checkpoint through hsa-eval (S-NIAH + perplexity) and hsa-generate.
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--haystack", str(resolve_index("bundled")), "--lengths",
+                          "512", "--samples", "2", "--ppl", "--ppl-samples", "1", "--out", str(out)]) == 0
+    ppl = json.loads((out / "results.json").read_text())["perplexity"]["512"]["ppl"]
+    assert 1.0 < ppl < 259.0
+    assert generate.main(["--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "8", "--stop", ""]) == 0
+    assert "8 generated" in capsys.readouterr().err
 
 
 def test_drt_real_size_config_mirrors_the_original_recipe():
