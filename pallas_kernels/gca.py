@@ -81,6 +81,13 @@ class _Dims:
 # Flat layouts: q/o/dO/dq rows ((b*HQ + h)*Lq + i); k/v rows (((b*H + e)*K + k)*Lk + j);
 # LSE and Di ((b*HQ + h)*K + k)*Lq + i; weights b*K + k.
 
+def _divmod(x, d: int):
+    """(x // d, x % d) for a non-negative traced int32 and a static divisor, as plain lax div/rem:
+    jnp's floor-division wrappers do not lower through Pallas-Triton here."""
+    d = jnp.int32(d)
+    return lax.div(x, d), lax.rem(x, d)
+
+
 def _q_tile(dims: _Dims, bh, t):
     """Query tile t of flat head bh = b*HQ + h: positions i (BM,), q rows (BM,), in range (BM,)."""
     i_BM = t * dims.BM + jnp.arange(dims.BM)
@@ -109,7 +116,8 @@ def _logits2(dims: _Dims, q_MxDp, k_LkpxDp, kv_ok):
 
 def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims):
     bh, t = pl.program_id(0), pl.program_id(1)
-    b, e = bh // dims.HQ, (bh % dims.HQ) // dims.G
+    b, e = _divmod(bh, dims.HQ)
+    e = lax.div(e, jnp.int32(dims.G))
     i_BM, qrow_BM, ok_BM = _q_tile(dims, bh, t)
     q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
 
@@ -129,7 +137,8 @@ def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims):
 
 def _dq_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_ref, *, dims: _Dims):
     bh, t = pl.program_id(0), pl.program_id(1)
-    b, e = bh // dims.HQ, (bh % dims.HQ) // dims.G
+    b, e = _divmod(bh, dims.HQ)
+    e = lax.div(e, jnp.int32(dims.G))
     i_BM, qrow_BM, ok_BM = _q_tile(dims, bh, t)
     q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
     do_BMxDp = _load_rows(do_ref, qrow_BM, dims, ok_BM)
@@ -151,14 +160,15 @@ def _dq_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_ref, *, d
 
 def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *, dims: _Dims):
     bek = pl.program_id(0)
-    be, kk = bek // dims.K, bek % dims.K
-    b, e = be // dims.H, be % dims.H
+    be, kk = _divmod(bek, dims.K)
+    b, e = _divmod(be, dims.H)
     w = w_ref[b * dims.K + kk]
     k_LxDp, v_LxDp, kvrow_L, kv_ok = _chunk(dims, k_ref, v_ref, bek)
 
     def one_tile(n, carry):
         dk_LxDp, dv_LxDp = carry
-        bh, t = b * dims.HQ + e * dims.G + n // dims.NT, n % dims.NT
+        g, t = _divmod(n, dims.NT)
+        bh = b * dims.HQ + e * dims.G + g
         i_BM, qrow_BM, ok_BM = _q_tile(dims, bh, t)
         q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
         do_BMxDp = _load_rows(do_ref, qrow_BM, dims, ok_BM)
