@@ -102,7 +102,7 @@ def _loader_rows(index: Path, seq_len: int, batch: int, steps: int, workers: int
             it = iter(make_loader(index, seq_len=seq_len, global_batch_size=batch, mode=mode, seed=0,
                                   process_index=0, process_count=1, worker_count=w))
             next(it)  # start-up (worker spawn, page-in of the offsets) is not throughput
-            n, wall, cpu = _timed(lambda: sum(next(it)["input_ids"].size for _ in range(steps)))
+            n, wall, cpu = _timed(lambda it=it: sum(next(it)["input_ids"].size for _ in range(steps)))
             # cpu: this process only (grain's worker processes are not reaped until the loader ends)
             rows.append((f"loader {mode}, L={seq_len}, B={batch}", w, n, wall, cpu))
             del it

@@ -23,7 +23,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import hsa
 from pallas_kernels.hsa import KernelParams, hsa_attention, hsa_attention_pallas

@@ -57,7 +57,7 @@ def main():
     if a.child:
         print(json.dumps(measure(**json.loads(a.child))))
         return
-    print(f"| L | HQ | H | D | K | S | pass | time (s) | peak RSS (GB) |\n|---|---|---|---|---|---|---|---|---|")
+    print("| L | HQ | H | D | K | S | pass | time (s) | peak RSS (GB) |\n|---|---|---|---|---|---|---|---|---|")
     for L in a.lengths:
         for backward in (False, True):
             spec = dict(L=L, HQ=a.heads, H=a.kv_heads, D=a.head_dim, K=a.topk, S=a.chunk, backward=backward)

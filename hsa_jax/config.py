@@ -31,8 +31,44 @@ class ConfigError(ValueError):
     """A config field has a bad value. The message names the field, the value and what is allowed."""
 
 
+class HFConfigIO:
+    """I/O shared by the model-config dataclasses: original HF-style JSON in and out. A subclass sets
+    IGNORED_FIELDS: original fields that are accepted and dropped; other unknown fields warn."""
+
+    IGNORED_FIELDS: frozenset = frozenset()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides):
+        d = {**d, **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - cls.IGNORED_FIELDS)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown config fields {unknown}", stacklevel=2)
+        kwargs = {k: v for k, v in d.items() if k in known}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in kwargs]
+        if missing:
+            raise ConfigError(f"config is missing required fields {missing}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | pathlib.Path, **overrides):
+        try:
+            data = json.loads(pathlib.Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read model config {path}: {e}") from e
+        return cls.from_dict(data, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class SWAHSAConfig:
+class SWAHSAConfig(HFConfigIO):
+    IGNORED_FIELDS = IGNORED_FIELDS
     # Sizes.
     vocab_size: int
     hidden_size: int
@@ -182,36 +218,6 @@ class SWAHSAConfig:
                 f"input length {length} is not a multiple of chunk_size={self.chunk_size}; pad or crop "
                 f"the sequence to a multiple of {self.chunk_size} (e.g. {length // self.chunk_size * self.chunk_size} "
                 f"or {-(-length // self.chunk_size) * self.chunk_size})")
-
-    # ----- I/O -----
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides) -> "SWAHSAConfig":
-        """Builds from original HF-style field names; unknown fields warn, ignored fields are dropped."""
-        d = {**d, **overrides}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - IGNORED_FIELDS)
-        if unknown:
-            warnings.warn(f"SWAHSAConfig: ignoring unknown config fields {unknown}", stacklevel=2)
-        kwargs = {k: v for k, v in d.items() if k in known}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in kwargs]
-        if missing:
-            raise ConfigError(f"config is missing required fields {missing}")
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json(cls, path: str | pathlib.Path, **overrides) -> "SWAHSAConfig":
-        try:
-            data = json.loads(pathlib.Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}") from e
-        return cls.from_dict(data, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "SWAHSAConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def _pos_int(x) -> bool:

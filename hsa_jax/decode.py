@@ -31,7 +31,6 @@ the segmentation. docs/decoding.md describes the differences from the original i
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +184,6 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
     ids = jnp.where(ids_NxL < 0, cfg.pad_token_id, ids_NxL)
     h = model.backbone.embeddings(ids, dtype)
     new_attn = {}
-    mem = None
     for i, layer in enumerate(model.backbone.layers):
         key = str(i)
         if isinstance(layer, TransformerBlock):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,9 @@ from hsa_jax.drt_config import ENCODER_NORM_EPS, ENCODER_ROPE_THETA, DRTConfig
 from hsa_jax.drt_layers import DRTAttention, GroupCrossAttention, UpperDecoderLayer, gather_chunks, select_chunks
 from hsa_jax.interop import CheckpointMismatchError, export_state_dict, load_state_dict
 from hsa_jax.layers import Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin
+
+if TYPE_CHECKING:  # hsa_jax.compare imports this module
+    from hsa_jax.compare import Report
 
 EMBED_KEY = "model.embed_tokens.weight"
 TIED_HEAD_KEY = "lm_head.weight"
@@ -344,7 +348,7 @@ def drt_flops_per_token(cfg: DRTConfig, seq_len: int) -> float:
     Per stream token (P/S of them per real token): decoder layers (self-attention over min(t+1, W+1)
     keys, or t+1 on the eager path), the encoder over P keys, the chunk K/V projections, and per upper
     layer the GCA projections and attention over K chunks of Lk keys; then the LM head per real token."""
-    D, H, F, S, P = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.enc_chunk_size, cfg.lmk_chunk_size
+    D, F, S, P = cfg.hidden_size, cfg.intermediate_size, cfg.enc_chunk_size, cfg.lmk_chunk_size
     hd, C = cfg.head_dim, seq_len // S
     T = C * P
     t = np.arange(T)

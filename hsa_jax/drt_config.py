@@ -10,12 +10,9 @@ ignored. `dtype`, `param_dtype` and `gca_impl` are JAX-side.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
-import warnings
 from typing import Any
 
-from hsa_jax.config import DTYPES, ConfigError, _nonneg_int, _pos_int, _require
+from hsa_jax.config import DTYPES, HFConfigIO, _nonneg_int, _pos_int, _require
 
 IGNORED_FIELDS = frozenset({
     "activation_function", "architectures", "bos_id", "mask_id", "max_position_embeddings", "model_type",
@@ -30,7 +27,8 @@ ENCODER_ROPE_THETA = 10000.0  # ... and its rope_theta default; the decoder has 
 
 
 @dataclasses.dataclass(frozen=True)
-class DRTConfig:
+class DRTConfig(HFConfigIO):
+    IGNORED_FIELDS = IGNORED_FIELDS
     # Sizes.
     vocab_size: int
     hidden_size: int
@@ -163,34 +161,8 @@ class DRTConfig:
                 f"input length {length} is not a positive multiple of enc_chunk_size={S}; pad or crop the "
                 f"sequence to a multiple of {S} (e.g. {max(length // S, 1) * S} or {max(-(-length // S), 1) * S})")
 
-    # ----- I/O -----
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides) -> "DRTConfig":
-        """Builds from original HF-style field names; unknown fields warn, ignored fields are dropped."""
-        d = {**d, **overrides}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - IGNORED_FIELDS)
-        if unknown:
-            warnings.warn(f"DRTConfig: ignoring unknown config fields {unknown}", stacklevel=2)
-        kwargs = {k: v for k, v in d.items() if k in known}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in kwargs]
-        if missing:
-            raise ConfigError(f"config is missing required fields {missing}")
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json(cls, path: str | pathlib.Path, **overrides) -> "DRTConfig":
-        try:
-            data = json.loads(pathlib.Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}") from e
-        return cls.from_dict(data, **overrides)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["decoder_layers"] = list(self.decoder_layers)
         return d
 
-    def replace(self, **changes) -> "DRTConfig":
-        return dataclasses.replace(self, **changes)

@@ -187,7 +187,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from hsa_jax.config import ConfigError
         from hsa_jax.decode import make_decoder
 
         encode, decode, eos = load_text_tokenizer(args.tokenizer)

@@ -9,7 +9,6 @@ By default the HSA output reaches the residual stream only through the MLP input
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from hsa_jax.chunking import MEMORY_EPS

@@ -57,7 +57,7 @@ def hsa_attention_reference(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx
     valid range [0, Lkv/S); invalid slots are expected to carry weight 0 (and conventionally index 0)."""
     G, Q, C = check_hsa_args(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx_NxBxHxK, chunk_size)
     N, Lq, HQ, D = q_NxLxHQxD.shape
-    H, K, S = k_NxLkvxHxD.shape[2], w_NxBxHxK.shape[-1], chunk_size
+    H, S = k_NxLkvxHxD.shape[2], chunk_size
     B = Lq // Q
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     sm_n = float(sm_n)

@@ -1,6 +1,5 @@
 """Data pipeline: text -> token index -> grain loader, on the bundled corpus and small Pile-format samples."""
 
-import io
 import json
 import os
 import signal

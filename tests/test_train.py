@@ -2,7 +2,6 @@
 maths, checkpoints reshard and survive corruption, configs fail clearly. 8 simulated CPU devices."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from hsa_jax.config import ConfigError
 from train.checkpoint import Checkpointer
