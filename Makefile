@@ -19,12 +19,14 @@ demo: setup
 	$(VENV)/bin/hsa-train
 
 parity: setup
-	@for ref in $(FIXTURES)/swa_hsa/model_*.npz; do \
-	  $(VENV)/bin/hsa-compare --model-type swa_hsa --config $${ref%.npz}.config.json --reference $$ref || exit 1; \
+	@for ref in $(FIXTURES)/swa_hsa/model_*.npz $(FIXTURES)/drt/drt_model_*.npz; do \
+	  case $$ref in */drt/*) type=drt;; *) type=swa_hsa;; esac; \
+	  $(VENV)/bin/hsa-compare --model-type $$type --config $${ref%.npz}.config.json --reference $$ref || exit 1; \
 	done
-
-test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests
+	@for dec in $(FIXTURES)/swa_hsa/decode_*.npz; do \
+	  model=$$(echo $$dec | sed 's/decode_/model_/'); \
+	  $(VENV)/bin/hsa-compare --model-type swa_hsa --config $${model%.npz}.config.json --reference $$model --decode $$dec || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
