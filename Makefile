@@ -28,5 +28,8 @@ parity: setup
 	  $(VENV)/bin/hsa-compare --model-type swa_hsa --config $${model%.npz}.config.json --reference $$model --decode $$dec || exit 1; \
 	done
 
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests
+
 clean:
 	rm -rf $(VENV) build *.egg-info
