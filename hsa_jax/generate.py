@@ -97,6 +97,7 @@ def restore_checkpoint(path: str | pathlib.Path, step: int | None = None):
     if (path / "state").is_dir() and path.name.isdigit():
         path, step = path.parent, int(path.name)
     mgr = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                      "data": ocp.JsonCheckpointHandler(),
                                                       "config": ocp.JsonCheckpointHandler()})
     steps = sorted(mgr.all_steps())
     if not steps:
