@@ -11,8 +11,12 @@ Two byte-level token indexes (the bundled byte tokenizer: ids 0-255 are UTF-8 by
              come from this generator's own seed (not from the haystack, whose few distinct first/last
              bytes would repeat keys). Train with data.mode=sequential and data.seq_len=seq_len so that
              every window is one sample.
+             With --task passkey (the CPU demo's recipe), each sample is instead in the layout of
+             RulerTasks.passkey with a --key-digits key (hsa-eval tasks passkey / passkey2 / passkey3),
+             its question/answer block repeated --qa-repeats times to raise the share of answer tokens.
 
     python -m data_pipeline.synthetic OUT_DIR [--samples 50000] [--seq-len 512] [--seed 0]
+    python -m data_pipeline.synthetic OUT_DIR --task passkey --key-digits 2 --qa-repeats 6 --samples 20000
 """
 
 from __future__ import annotations
@@ -63,6 +67,28 @@ def niah_sample(rng: np.random.Generator, seq_len: int) -> np.ndarray:
     return out
 
 
+PASSKEY_DIGITS = 5  # RulerTasks.passkey's default
+
+
+def passkey_sample(rng: np.random.Generator, seq_len: int, qa_repeats: int = 2,
+                   digits: int = PASSKEY_DIGITS) -> np.ndarray:
+    """One pass-key sequence of exactly seq_len tokens, in the layout of hsa_jax.ruler.RulerTasks.passkey
+    (own randomness): filler with the needle " The pass key is K. Remember it. K is the pass key." at a
+    uniform position, then " What is the pass key? The pass key is" + ". Answer: " + " K" + EOS. With
+    qa_repeats > 1 the question/answer block is repeated (same K) to raise the share of answer tokens;
+    every repeat is still beyond the SWA window from the previous key, so it is answered by retrieval."""
+    key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits - 1)))
+    needle = _enc(f" The pass key is {key}. Remember it. {key} is the pass key.")
+    qa = np.concatenate([_enc(" What is the pass key? The pass key is"), _enc(". Answer: "), _enc(f" {key}"),
+                         [ByteTokenizer.eos_id]])
+    prompt = np.concatenate([qa] * qa_repeats)
+    body = filler(rng, seq_len - len(needle) - len(prompt))
+    start = int(rng.integers(len(body) + 1))
+    out = np.concatenate([body[:start], needle, body[start:], prompt])
+    assert len(out) == seq_len
+    return out
+
+
 def _write(directory: pathlib.Path, docs) -> dict:
     tok = ByteTokenizer()
     dtype = token_dtype(tok.vocab_size)
@@ -75,7 +101,8 @@ def _write(directory: pathlib.Path, docs) -> dict:
 
 
 def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_len: int = 512, seed: int = 0,
-                    haystack_docs: int = 64, doc_tokens: int = 65536) -> dict[str, pathlib.Path]:
+                    haystack_docs: int = 64, doc_tokens: int = 65536, task: str = "s_niah",
+                    qa_repeats: int = 2, key_digits: int = PASSKEY_DIGITS) -> dict[str, pathlib.Path]:
     """Writes OUT/train and OUT/haystack (skipped when already complete); returns their paths."""
     out = pathlib.Path(out_dir)
     paths = {"train": out / "train", "haystack": out / "haystack"}
@@ -86,7 +113,12 @@ def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_le
     if not (paths["train"] / "manifest.json").exists():
         rng = np.random.default_rng([seed, 1])
         # each sample already ends with EOS (the end of its question prompt)
-        _write(paths["train"], (niah_sample(rng, seq_len) for _ in range(samples)))
+        if task == "passkey":
+            _write(paths["train"], (passkey_sample(rng, seq_len, qa_repeats, key_digits) for _ in range(samples)))
+        elif task == "s_niah":
+            _write(paths["train"], (niah_sample(rng, seq_len) for _ in range(samples)))
+        else:
+            raise ValueError(f"unknown task {task!r}: s_niah or passkey")
     for p in paths.values():
         read_manifest(p)
     return paths
@@ -101,9 +133,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack-docs", type=int, default=64)
     p.add_argument("--doc-tokens", type=int, default=65536)
+    p.add_argument("--task", choices=("s_niah", "passkey"), default="s_niah",
+                   help="training-sample format: hsa-eval's s_niah (7 random key bytes) or passkey (--key-digits digits)")
+    p.add_argument("--qa-repeats", type=int, default=2, help="passkey: question/answer blocks per sample")
+    p.add_argument("--key-digits", type=int, default=PASSKEY_DIGITS, help="passkey: digits of the key")
     a = p.parse_args(argv)
     paths = build_synthetic(a.out, samples=a.samples, seq_len=a.seq_len, seed=a.seed,
-                            haystack_docs=a.haystack_docs, doc_tokens=a.doc_tokens)
+                            haystack_docs=a.haystack_docs, doc_tokens=a.doc_tokens, task=a.task,
+                            qa_repeats=a.qa_repeats, key_digits=a.key_digits)
     for name, path in paths.items():
         m = read_manifest(path)
         print(f"{name}: {path} ({m['total_tokens']} tokens, {m['num_documents']} documents)")

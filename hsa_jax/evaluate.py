@@ -35,6 +35,17 @@ def parse_length(text: str) -> int:
     return int(float(t[:-1]) * mult) if t[-1:] in "KM" else int(t)
 
 
+# Extra tasks for the CPU extrapolation demo (README "Extrapolation demo"): RulerTasks.passkey with a
+# shorter key (the RULER builders themselves are unchanged). "passkey2": 2-digit key, "passkey3": 3 digits.
+DEMO_TASKS = {f"passkey{d}": (lambda d: lambda builder, h: builder.passkey(h, digits=d))(d) for d in (2, 3)}
+ALL_TASKS = TASKS + tuple(DEMO_TASKS)
+
+
+def build_task(builder: RulerTasks, name: str, haystack) -> "object":
+    """A RulerTasks task, or one of DEMO_TASKS."""
+    return DEMO_TASKS[name](builder, haystack) if name in DEMO_TASKS else builder.build(name, haystack)
+
+
 def haystack_window(index, i: int, L: int) -> np.ndarray:
     if index.total_tokens < L + 2:
         raise ValueError(f"the haystack index {index.directory} has {index.total_tokens} tokens, fewer than "
@@ -63,7 +74,7 @@ def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: 
             t0 = time.perf_counter()
             hits = 0
             for i in range(samples):
-                hits += run_task(decoder, builder.build(name, haystack_window(index, i, L)))
+                hits += run_task(decoder, build_task(builder, name, haystack_window(index, i, L)))
             dt = time.perf_counter() - t0
             results[name][str(L)] = {"accuracy": hits / samples, "hits": hits, "samples": samples, "seconds": dt}
             log(f"hsa-eval: {name} L={L}: {hits}/{samples} ({dt:.1f} s)")
@@ -139,7 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--haystack", required=True, type=pathlib.Path, help="token index dir (hsa-preprocess build)")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' or the index's tokenizer.json")
-    p.add_argument("--tasks", default="s_niah", help=f"comma-separated, from {','.join(TASKS)}; '' for none")
+    p.add_argument("--tasks", default="s_niah", help=f"comma-separated, from {','.join(ALL_TASKS)}; '' for none")
     p.add_argument("--lengths", default="512,4K,16K,32K", help="comma-separated context lengths (K/M suffixes)")
     p.add_argument("--samples", type=int, default=20, help="samples per task and length")
     p.add_argument("--ppl", action="store_true", help="also perplexity by length over the haystack")
@@ -158,9 +169,9 @@ def main(argv=None) -> int:
 
         lengths = sorted(parse_length(x) for x in args.lengths.split(",") if x.strip())
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        bad = [t for t in tasks if t not in TASKS]
+        bad = [t for t in tasks if t not in ALL_TASKS]
         if bad:
-            raise ValueError(f"unknown tasks {bad}; available: {', '.join(TASKS)}")
+            raise ValueError(f"unknown tasks {bad}; available: {', '.join(ALL_TASKS)}")
         if not lengths or min(lengths) < 64:
             raise ValueError(f"--lengths {args.lengths}: need lengths >= 64")
         index = TokenIndex(args.haystack)
