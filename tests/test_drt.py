@@ -301,8 +301,10 @@ def test_pallas_gca_in_the_model_matches_the_reference():
         loss, grads = loss_and_grads(DRTForCausalLM(cfg.replace(gca_impl=impl), rngs=nnx.Rngs(5)), ids)
         results.append((loss, jax.tree.leaves(grads)))
     assert abs(float(results[0][0]) - float(results[1][0])) < 1e-6
+    # Whole-model gradients sum many fp32 terms in a different order in the kernel: seen up to 2e-5
+    # relative on small-gradient leaves over random draws; a real bug gives O(1).
     for a, b in zip(results[0][1], results[1][1]):
-        assert rel_err(b, a) < 1e-5
+        assert rel_err(b, a) < 1e-4
 
 
 def test_remat_and_bf16_forward():
