@@ -45,6 +45,17 @@ from hsa_jax.retrieval import RetrievalLayer, select_chunks
 from pallas_kernels import hsa_attention
 
 LOGITS_MODES = ("all", "last", "none")
+
+
+def check_prefill_args(ids, logits: str) -> np.ndarray:
+    """Validates the decoder interface's prefill arguments (shared by every model family's decoder);
+    -> ids as an (N, T) array."""
+    if logits not in LOGITS_MODES:
+        raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] < 1:
+        raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
+    return ids
 DEFAULT_SEGMENT = 4096
 
 
@@ -306,11 +317,7 @@ class SWAHSADecoder:
         token; "all" -> (N, T, V); "none" -> None. With `labels` (N, T) int (-1 = ignore), returns
         instead the per-token log-probabilities of the labels (N, T) (for perplexity at any length
         without materialising T x V logits)."""
-        if logits not in LOGITS_MODES:
-            raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
+        ids = check_prefill_args(ids, logits)
         N, T = ids.shape
         if cache is None:
             cache = self.init_cache(N, capacity if capacity is not None else T)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hsa_jax.decode import check_prefill_args
 from hsa_jax.drt_config import ENCODER_NORM_EPS, ENCODER_ROPE_THETA, DRTConfig
 from hsa_jax.drt_layers import DRTAttention, GroupCrossAttention, UpperDecoderLayer, gather_chunks, select_chunks
 from hsa_jax.interop import CheckpointMismatchError, export_state_dict, load_state_dict
@@ -204,9 +205,7 @@ class DRTDecoder:
                 labels=None):
         """Consumes ids (N, T) after `cache`. logits: "last" -> (N, V); "all" -> (N, T, V); "none" -> None.
         With labels (N, T) (-1 = ignore): the per-token log-probabilities of the labels (N, T) instead."""
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
+        ids = check_prefill_args(ids, logits)
         N, T = ids.shape
         if cache is None:
             cache = self.init_cache(N, capacity if capacity is not None else T)
