@@ -31,6 +31,7 @@ the segmentation. docs/decoding.md describes the differences from the original i
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -152,16 +153,12 @@ def _update_memory(layer: ChunkingLayer, cache, h_NxLxD, P, n, J: int):
     H, hd = mem_k.shape[-2:]
     Hr, Dr = lmk.shape[-2:]
 
-    def encode(chunks):
-        k, v, l = layer.encode_chunks(chunks.reshape(N * J, S, D))
-        return (k.reshape(N, J * S, H, hd).astype(mem_k.dtype), v.reshape(N, J * S, H, hd).astype(mem_v.dtype),
-                l.reshape(N, J, Hr, Dr).astype(lmk.dtype))
-
-    def skip(chunks):
-        return (jnp.zeros((N, J * S, H, hd), mem_k.dtype), jnp.zeros((N, J * S, H, hd), mem_v.dtype),
-                jnp.zeros((N, J, Hr, Dr), lmk.dtype))
-
-    k_new, v_new, l_new = jax.lax.cond(done > 0, encode, skip, X[:, :J * S])
+    # Encoded unconditionally (a lax.cond on `done` would cost the one-token step a device->host sync):
+    # the rows of chunks not completed yet are masked out below.
+    k_new, v_new, l_new = layer.encode_chunks(X[:, :J * S].reshape(N * J, S, D))
+    k_new = k_new.reshape(N, J * S, H, hd).astype(mem_k.dtype)
+    v_new = v_new.reshape(N, J * S, H, hd).astype(mem_v.dtype)
+    l_new = l_new.reshape(N, J, Hr, Dr).astype(lmk.dtype)
     row_ok = (jnp.arange(J * S) // S < done)[None, :, None, None]
     chunk_ok = (jnp.arange(J) < done)[None, :, None, None]
     old_k = jax.lax.dynamic_slice_in_dim(mem_k, c0 * S, J * S, axis=1)
@@ -242,8 +239,16 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
     return logits, new_cache
 
 
-# One compiled program per (model structure, segment length, mode, HSA backend), shared by decoders.
-_segment_jit = jax.jit(_segment, static_argnums=(0,), static_argnames=("mode", "hsa_impl", "swa_block"), donate_argnums=(2,))
+@functools.lru_cache(maxsize=None)
+def _segment_program(graphdef, treedef):
+    """The jitted `_segment` of one model structure, shared by its decoders (one compile per segment
+    length, mode and HSA backend). Parameters travel as a flat list of arrays: hashing the graphdef (a
+    static argument) and flattening nnx Variables on every call cost milliseconds of host time per
+    decode step, more than the step's GPU work."""
+    def run(leaves, cache, ids_NxL, n, labels_NxL, *, mode, hsa_impl, swa_block):
+        return _segment(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids_NxL, n, labels_NxL,
+                        mode=mode, hsa_impl=hsa_impl, swa_block=swa_block)
+    return jax.jit(run, static_argnames=("mode", "hsa_impl", "swa_block"), donate_argnums=(1,))
 
 
 class SWAHSADecoder:
@@ -266,7 +271,9 @@ class SWAHSADecoder:
             raise ValueError(f"segment_len={segment_len} must be >= 1")
         self.cfg = cfg
         self.segment_len = int(segment_len)
-        self.graphdef, self.params = nnx.split(model)
+        graphdef, params = nnx.split(model)
+        self.param_leaves, treedef = jax.tree.flatten(params)
+        self._program = _segment_program(graphdef, treedef)
         self.attn = {i: (a.kv_heads, a.head_dim, w) for i, (a, w) in _attn_layers(model).items()}
         self.hsa_impl = hsa_impl or cfg.hsa_impl
         self.step_hsa_impl = step_hsa_impl
@@ -303,8 +310,8 @@ class SWAHSADecoder:
                 f"capacity=...)) or shorten the input")
 
     def _run(self, arrays, ids, n: int, labels, mode: str, impl: str):
-        return _segment_jit(self.graphdef, self.params, arrays, jnp.asarray(ids), jnp.int32(n), jnp.asarray(labels),
-                            mode=mode, hsa_impl=impl, swa_block=self.swa_block)
+        return self._program(self.param_leaves, arrays, ids, np.int32(n), labels, mode=mode, hsa_impl=impl,
+                             swa_block=self.swa_block)
 
     def _bucket(self, n: int) -> int:
         """Padded length of a final segment of n tokens: the next power of two (>= 64), capped."""
@@ -351,7 +358,7 @@ class SWAHSADecoder:
         """One token per row: tokens (N,) -> logits (N, V) fp32 and the updated cache."""
         tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
         self._check(cache, tokens.shape[0], 1)
-        out, arrays = self._run(cache.arrays, tokens, 1, jnp.full(tokens.shape, -1, jnp.int32), "last",
+        out, arrays = self._run(cache.arrays, tokens, 1, np.full(tokens.shape, -1, np.int32), "last",
                                 self.step_hsa_impl)
         return out, DecodeCache(arrays, cache.pos + 1, cache.capacity, cache.batch)
 
