@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--segment", type=int, default=8192, help="prefill segment length")
     p.add_argument("--swa-block", type=int, default=512, help="SWA query block inside a prefill segment")
     p.add_argument("--hsa-impl", default="auto", choices=("auto", "xla", "pallas"), help="HSA backend of the prefill")
-    p.add_argument("--step-hsa-impl", default="xla", choices=("xla", "pallas"), help="HSA backend of the decode step")
+    p.add_argument("--step-hsa-impl", default="auto", choices=("auto", "xla", "pallas"),
+                   help="HSA backend of the decode step (auto: Pallas on GPU)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="weights as stored for inference (default bf16: half the bytes read per token)")

@@ -265,7 +265,7 @@ class SWAHSADecoder:
     """
 
     def __init__(self, model, *, segment_len: int = DEFAULT_SEGMENT, hsa_impl: str | None = None,
-                 step_hsa_impl: str = "xla", swa_block: int = 512):
+                 step_hsa_impl: str | None = None, swa_block: int = 512):
         cfg = model.cfg
         if segment_len < 1:
             raise ValueError(f"segment_len={segment_len} must be >= 1")
@@ -276,7 +276,7 @@ class SWAHSADecoder:
         self._program = _segment_program(graphdef, treedef)
         self.attn = {i: (a.kv_heads, a.head_dim, w) for i, (a, w) in _attn_layers(model).items()}
         self.hsa_impl = hsa_impl or cfg.hsa_impl
-        self.step_hsa_impl = step_hsa_impl
+        self.step_hsa_impl = step_hsa_impl or self.hsa_impl
         self.swa_block = int(swa_block)
         self.vocab_size = cfg.vocab_size
 
