@@ -111,7 +111,7 @@ class BatchSource(grain.RandomAccessDataSource):
 def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, mode: str = "random",
                 seed: int = 0, process_index: int | None = None, process_count: int | None = None,
                 worker_count: int = 0, worker_buffer_size: int = 2, num_samples: int | None = None,
-                read_threads: int = 1) -> grain.DataLoader:
+                read_threads: int = 1, repeat: bool = False) -> grain.DataLoader:
     """A grain DataLoader yielding {"input_ids": int32 (global_batch_size // process_count, seq_len + 1)}.
 
     process_index/process_count default to jax.process_index()/jax.process_count(). worker_count > 0
@@ -119,7 +119,8 @@ def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, 
     count within a process (1 suffices at the measured rates, see docs/benchmarks.md). `iter(loader)` gives an iterator with
     `get_state() -> bytes` (JSON) and `set_state(bytes)`; a loader built with the same arguments and
     restored from a state continues with exactly the next batch. Random modes never end (2**40 samples
-    unless num_samples); sequential ends after (total_tokens - 1) // seq_len // global_batch_size steps.
+    unless num_samples); sequential ends after (total_tokens - 1) // seq_len // global_batch_size steps,
+    or with repeat=True starts over (same order) as often as asked (training for more than one epoch).
     """
     if process_index is None or process_count is None:
         import jax
@@ -143,7 +144,8 @@ def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, 
     return grain.DataLoader(
         data_source=BatchSource(source, global_batch_size, process_count),
         sampler=grain.IndexSampler(num_records=(len(source) // global_batch_size) * process_count,
-                                   shard_options=grain.NoSharding(), shuffle=False, num_epochs=1, seed=seed),
+                                   shard_options=grain.NoSharding(), shuffle=False,
+                                   num_epochs=None if repeat else 1, seed=seed),
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),

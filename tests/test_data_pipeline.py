@@ -280,6 +280,17 @@ def test_sequential_windows_decode_to_the_text(bundled, bundled_stream):
     assert bytes(row[row != 256].astype(np.uint8)).decode("utf-8", "ignore") in text.replace(EOT, "")
 
 
+def test_sequential_repeat_starts_the_same_pass_over(bundled, bundled_stream):
+    L, B = 512, 4
+    n_steps = (len(bundled_stream) - 1) // L // B
+    it = iter(make_loader(bundled, seq_len=L, global_batch_size=B, mode="sequential", process_index=0,
+                          process_count=1, repeat=True))
+    batches = [next(it)["input_ids"] for _ in range(n_steps + 3)]
+    for k in range(3):
+        np.testing.assert_array_equal(batches[n_steps + k], batches[k])
+    assert not np.array_equal(batches[1], batches[0])
+
+
 def test_random_windows_are_stream_slices_and_across_docs_cross_at_random_offsets(bundled, bundled_stream):
     stream = bundled_stream.tobytes()
     doc_starts = set(np.concatenate([[0], np.flatnonzero(bundled_stream == 256) + 1]).tolist())

@@ -111,7 +111,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     graphdef, tx, state = init_state(cfg, mesh)
     rng_data = jax.random.key_data(jax.random.key(cfg.run.seed))
     loader = make_loader(index, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
-                         mode=cfg.data.mode, seed=cfg.run.seed, worker_count=cfg.data.worker_count)
+                         mode=cfg.data.mode, seed=cfg.run.seed, worker_count=cfg.data.worker_count, repeat=True)
+    epoch_steps = (read_manifest(index)["total_tokens"] - 1) // cfg.data.seq_len // cfg.data.global_batch_size
+    if cfg.data.mode == "sequential" and cfg.run.steps > epoch_steps:
+        log(f"data: {index} holds {epoch_steps} sequential batches; steps beyond them start a new epoch "
+            f"(run.steps={cfg.run.steps} = {cfg.run.steps / epoch_steps:.2f} epochs)")
     batches = iter(loader)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.run.keep_checkpoints)
     start = 0
