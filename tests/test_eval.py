@@ -2,6 +2,8 @@
 checkpoint restore, and hsa-eval end to end on a tiny random model (table, JSON, PNG)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +89,46 @@ def test_multi_needle_tasks():
     fwe = TASKS.fwe(haystack(600, 2))  # its length is only roughly L (for bytes: above it)
     words = bytes(fwe.a[:-1].astype(np.uint8)).decode().split()
     assert fwe.a[-1] == 256 and len(words) == 3 and all(len(w) == 5 for w in words)
+
+
+GOLDEN = Path(__file__).with_name("data") / "ruler_golden.npz"
+SHARED = Path(os.environ.get("HSA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+NEOX = SHARED / "tokenizers/gpt-neox-20b/tokenizer.json"
+
+
+@pytest.mark.parametrize("tok", ["bytes", "neox"])
+def test_ruler_tasks_match_original_golden(tok):
+    """Our builders reproduce, token for token, the original PyTorch collator's sequences (spec §8 test (f)).
+
+    tests/data/ruler_golden.npz was written by tests/data/make_ruler_golden.py, which imports
+    reader/ruler_collator.py of github.com/RamstorageAI/long-context-modeling at commit
+    c40400c7037cce951518c5feaa62928ad32fba9b (torch/tqdm replaced by numpy stand-ins, seeded with the Python-int
+    product inputs[0]*inputs[-1] as ours is, i.e. with bug B14 fixed) and runs its RulerSynthesizer on the stored
+    haystacks: the byte tokenizer (lengths 600, 1500) and GPT-NeoX-20B (800, 2000; the first haystack's end tokens
+    make the seed product exceed int32). Per haystack it stores ids (q ++ a) and len(q) of generate_single_niah,
+    generate_multi_query (num_queries 2 and 1: our mq_niah, mk_niah), generate_variable_tracking and
+    generate_frequent_words_extraction, and for NeoX the len(q) after single_token_eval_collate_fn's VT answer cut
+    at token 13 (our vt with eval_cut)."""
+    if tok == "neox" and not NEOX.exists():
+        pytest.skip(f"{NEOX} missing (set HSA_SHARED)")
+    gold = np.load(GOLDEN)
+    tasks = RulerTasks(TextTokenizer.load("bytes" if tok == "bytes" else str(NEOX)))
+    builders = {"s_niah": tasks.s_niah, "mq_niah": tasks.mq_niah, "mk_niah": tasks.mk_niah,
+                "vt": lambda h: tasks.vt(h, eval_cut=False), "fwe": tasks.fwe}
+    if tok == "neox":
+        builders["vt_eval"] = tasks.vt
+    n = 0
+    for i in range(2):
+        key = f"{tok}.{i}"
+        h = gold[f"{key}.haystack"].astype(np.int64)
+        for name, build in builders.items():
+            t = build(h)
+            ids = gold[f"{key}.{'vt' if name == 'vt_eval' else name}.ids"].astype(np.int64)
+            qlen = int(gold[f"{key}.{name}.qlen"])
+            assert np.array_equal(t.ids, ids), (key, name)
+            assert np.array_equal(t.q, ids[:qlen]) and np.array_equal(t.a, ids[qlen:]), (key, name)
+            n += 1
+    assert n == 2 * len(builders)
 
 
 def test_score():
