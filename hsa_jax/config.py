@@ -36,6 +36,9 @@ class HFConfigIO:
     IGNORED_FIELDS: original fields that are accepted and dropped; other unknown fields warn."""
 
     IGNORED_FIELDS: frozenset = frozenset()
+    # Fields a trained model may change at inference (no parameter depends on them): `--set` of
+    # hsa-eval / hsa-generate.
+    INFERENCE_FIELDS: frozenset = frozenset()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides):
@@ -65,10 +68,29 @@ class HFConfigIO:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def with_inference_settings(self, items: list[str]):
+        """Applies "key=value" settings (ints, floats, true/false, strings) restricted to INFERENCE_FIELDS."""
+        changes = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"setting {item!r} is not key=value")
+            if key not in self.INFERENCE_FIELDS:
+                raise ConfigError(f"setting '{key}' cannot change at inference; allowed: "
+                                  f"{', '.join(sorted(self.INFERENCE_FIELDS))}")
+            kind = type(getattr(self, key))
+            try:
+                changes[key] = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+            except (KeyError, ValueError):
+                raise ConfigError(f"setting '{key}={text}': expected a value of type {kind.__name__}") from None
+        return self.replace(**changes)
+
 
 @dataclasses.dataclass(frozen=True)
 class SWAHSAConfig(HFConfigIO):
     IGNORED_FIELDS = IGNORED_FIELDS
+    INFERENCE_FIELDS = frozenset({"dtype", "hsa_impl", "chunk_topk"})
     # Sizes.
     vocab_size: int
     hidden_size: int

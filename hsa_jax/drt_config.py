@@ -29,6 +29,7 @@ ENCODER_ROPE_THETA = 10000.0  # ... and its rope_theta default; the decoder has 
 @dataclasses.dataclass(frozen=True)
 class DRTConfig(HFConfigIO):
     IGNORED_FIELDS = IGNORED_FIELDS
+    INFERENCE_FIELDS = frozenset({"dtype", "gca_impl", "chunk_topk"})
     # Sizes.
     vocab_size: int
     hidden_size: int

@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from hsa_jax.generate import SET_HELP
 from hsa_jax.ruler import TASKS, RulerTasks, TextTokenizer, score
 
 
@@ -147,7 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--weights", type=pathlib.Path, help="converted original weights (with --config)")
     p.add_argument("--config", type=pathlib.Path, help="original HF-style config.json")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--haystack", required=True, type=pathlib.Path, help="token index dir (hsa-preprocess build)")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' or the index's tokenizer.json")
     p.add_argument("--tasks", default="s_niah", help=f"comma-separated, from {','.join(ALL_TASKS)}; '' for none")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
         index = TokenIndex(args.haystack)
         tok = TextTokenizer.load(args.tokenizer)
         model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config, step=args.step,
-                           dtype=args.dtype)
+                           settings=args.settings)
         if index.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"haystack vocab {index.vocab_size} > model vocab {model.cfg.vocab_size}")
         decoder = make_decoder(model, segment_len=args.segment)

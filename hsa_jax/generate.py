@@ -126,8 +126,13 @@ def restore_checkpoint(path: str | pathlib.Path, step: int | None = None):
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), run_cfg
 
 
-def load_model(*, checkpoint=None, weights=None, config=None, step=None, dtype=None):
-    """From an Orbax checkpoint, or from converted original weights + an HF-style config.json."""
+SET_HELP = ("change an inference-time model setting, repeatable: dtype=bfloat16, chunk_topk=32 (chunks each "
+            "token retrieves), hsa_impl=auto|xla|pallas (SWA+HSA) or gca_impl=... (DRT)")
+
+
+def load_model(*, checkpoint=None, weights=None, config=None, step=None, settings=()):
+    """From an Orbax checkpoint, or from converted original weights + an HF-style config.json; `settings`
+    ("key=value" strings) change the config's inference-time fields (dtype, backend, top-k)."""
     if checkpoint is not None:
         model, _ = restore_checkpoint(checkpoint, step)
     else:
@@ -137,8 +142,9 @@ def load_model(*, checkpoint=None, weights=None, config=None, step=None, dtype=N
         from hsa_jax.config import SWAHSAConfig
         from hsa_jax.interop import read_state_dict
         model = build_model(SWAHSAConfig.from_json(config), read_state_dict(weights))
-    if dtype is not None and dtype != model.cfg.dtype:
-        _set_cfg(model, model.cfg.replace(dtype=dtype))
+    cfg = model.cfg.with_inference_settings(list(settings))
+    if cfg != model.cfg:
+        _set_cfg(model, cfg)
     return model
 
 
@@ -172,7 +178,8 @@ def parse_args(argv=None):
     src.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     src.add_argument("--weights", type=pathlib.Path, help="converted original weights (.safetensors/.npz/.bin)")
     src.add_argument("--config", type=pathlib.Path, help="original HF-style config.json (with --weights)")
-    src.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
+    src.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                     help=SET_HELP)
     p.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path (default bytes)")
     p.add_argument("--prompt", default=None, help="prompt text")
     p.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids (instead of --prompt)")
@@ -201,7 +208,7 @@ def main(argv=None) -> int:
             raise ValueError("the prompt is empty")
         stop = [eos] if args.stop is None else [int(x) for x in args.stop.split(",") if x.strip()]
         model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config, step=args.step,
-                           dtype=args.dtype)
+                           settings=args.settings)
         dec = make_decoder(model, segment_len=args.segment)
         g = generate(dec, np.asarray([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      stop_tokens=stop, seed=args.seed)

@@ -200,6 +200,32 @@ def test_checkpoint_restore(tiny_model, tmp_path):
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(tiny_model(ids)))
 
 
+def test_inference_settings_change_retrieval_not_weights(tiny_model, tmp_path):
+    from hsa_jax.config import ConfigError
+    from hsa_jax.generate import load_model
+
+    save_safetensors(tiny_model, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(tiny_model.cfg.to_dict()))
+    load = lambda *settings: load_model(weights=tmp_path / "model.safetensors", config=tmp_path / "config.json",
+                                        settings=settings)
+    ids = np.random.default_rng(1).integers(0, 256, (1, 256))  # 8 chunks: top-2 and top-6 differ
+    base, wide = load(), load("chunk_topk=6")
+    assert wide.cfg.chunk_topk == 6 and base.cfg.chunk_topk == 2
+    assert all(m.cfg is wide.cfg for _, m in nnx.iter_graph(wide) if isinstance(m, nnx.Module) and hasattr(m, "cfg"))
+    np.testing.assert_array_equal(np.asarray(base(ids)), np.asarray(tiny_model(ids)))
+    wide_ref = SWAHSAForCausalLM(tiny_model.cfg.replace(chunk_topk=6), rngs=nnx.Rngs(3))  # same init seed
+    np.testing.assert_allclose(np.asarray(wide(ids)), np.asarray(wide_ref(ids)), atol=1e-6)
+    assert not np.allclose(np.asarray(wide(ids))[:, 100:], np.asarray(base(ids))[:, 100:], atol=1e-4)
+    with pytest.raises(ConfigError, match="'hidden_size' cannot change at inference; allowed: chunk_topk, dtype"):
+        load("hidden_size=64")
+    with pytest.raises(ConfigError, match="'chunk_topk=many': expected a value of type int"):
+        load("chunk_topk=many")
+    with pytest.raises(ConfigError, match="chunk_topk"):
+        load("chunk_topk=0")
+    with pytest.raises(ConfigError, match="not key=value"):
+        load("chunk_topk")
+
+
 def test_hsa_eval_end_to_end(tiny_model, tmp_path, capsys):
     paths = build_synthetic(tmp_path / "data", samples=4, seq_len=256, haystack_docs=2, doc_tokens=3000)
     save_safetensors(tiny_model, tmp_path / "model.safetensors")
