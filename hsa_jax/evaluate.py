@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from hsa_jax.generate import SET_HELP
+from hsa_jax.generate import MODEL_TYPES, SET_HELP
 from hsa_jax.ruler import TASKS, RulerTasks, TextTokenizer, score
 
 
@@ -148,6 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--weights", type=pathlib.Path, help="converted original weights (with --config)")
     p.add_argument("--config", type=pathlib.Path, help="original HF-style config.json")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="swa_hsa",
+                   help="model family of --weights/--config (default swa_hsa; checkpoints record theirs)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--haystack", required=True, type=pathlib.Path, help="token index dir (hsa-preprocess build)")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' or the index's tokenizer.json")
@@ -177,8 +179,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--lengths {args.lengths}: need lengths >= 64")
         index = TokenIndex(args.haystack)
         tok = TextTokenizer.load(args.tokenizer)
-        model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config, step=args.step,
-                           settings=args.settings)
+        model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config,
+                           model_type=args.model_type, step=args.step, settings=args.settings)
         if index.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"haystack vocab {index.vocab_size} > model vocab {model.cfg.vocab_size}")
         decoder = make_decoder(model, segment_len=args.segment)

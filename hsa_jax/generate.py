@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hsa_jax.registry import FAMILIES, family
+
 
 @dataclasses.dataclass
 class Generation:
@@ -89,8 +91,6 @@ def restore_checkpoint(path: str | pathlib.Path, step: int | None = None):
     -> (model, run config dict)."""
     import orbax.checkpoint as ocp
 
-    from hsa_jax.registry import family
-
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -126,22 +126,26 @@ def restore_checkpoint(path: str | pathlib.Path, step: int | None = None):
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), run_cfg
 
 
+MODEL_TYPES = sorted(FAMILIES)
 SET_HELP = ("change an inference-time model setting, repeatable: dtype=bfloat16, chunk_topk=32 (chunks each "
             "token retrieves), hsa_impl=auto|xla|pallas (SWA+HSA) or gca_impl=... (DRT)")
 
 
-def load_model(*, checkpoint=None, weights=None, config=None, step=None, settings=()):
-    """From an Orbax checkpoint, or from converted original weights + an HF-style config.json; `settings`
-    ("key=value" strings) change the config's inference-time fields (dtype, backend, top-k)."""
+def load_model(*, checkpoint=None, weights=None, config=None, model_type: str = "swa_hsa", step=None,
+               settings=()):
+    """From an Orbax checkpoint (its model type is recorded), or from converted original weights + an
+    HF-style config.json of `model_type`; `settings` ("key=value" strings) change the config's
+    inference-time fields (dtype, backend, top-k)."""
     if checkpoint is not None:
         model, _ = restore_checkpoint(checkpoint, step)
     else:
         if weights is None or config is None:
             raise ValueError("give --checkpoint, or both --weights and --config")
         from hsa_jax.compare import build_model
-        from hsa_jax.config import SWAHSAConfig
         from hsa_jax.interop import read_state_dict
-        model = build_model(SWAHSAConfig.from_json(config), read_state_dict(weights))
+        fam = family(model_type)
+        cfg = fam.config_cls.from_json(config)
+        model = build_model(cfg, fam.from_original(cfg, read_state_dict(weights)), fam.model_cls)
     cfg = model.cfg.with_inference_settings(list(settings))
     if cfg != model.cfg:
         _set_cfg(model, cfg)
@@ -178,6 +182,8 @@ def parse_args(argv=None):
     src.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     src.add_argument("--weights", type=pathlib.Path, help="converted original weights (.safetensors/.npz/.bin)")
     src.add_argument("--config", type=pathlib.Path, help="original HF-style config.json (with --weights)")
+    src.add_argument("--model-type", choices=MODEL_TYPES, default="swa_hsa",
+                     help="model family of --weights/--config (default swa_hsa; checkpoints record theirs)")
     src.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                      help=SET_HELP)
     p.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path (default bytes)")
@@ -207,8 +213,8 @@ def main(argv=None) -> int:
         if not ids:
             raise ValueError("the prompt is empty")
         stop = [eos] if args.stop is None else [int(x) for x in args.stop.split(",") if x.strip()]
-        model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config, step=args.step,
-                           settings=args.settings)
+        model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config,
+                           model_type=args.model_type, step=args.step, settings=args.settings)
         dec = make_decoder(model, segment_len=args.segment)
         g = generate(dec, np.asarray([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      stop_tokens=stop, seed=args.seed)

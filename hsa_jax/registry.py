@@ -8,9 +8,10 @@ remat=)` -> logits (N, T, V) fp32 aligned with the input tokens.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from hsa_jax.config import ConfigError, SWAHSAConfig
-from hsa_jax.drt import DRTForCausalLM
+from hsa_jax.drt import DRTForCausalLM, strip_buffers
 from hsa_jax.drt_config import DRTConfig
 from hsa_jax.model import SWAHSAForCausalLM
 
@@ -19,11 +20,13 @@ from hsa_jax.model import SWAHSAForCausalLM
 class ModelFamily:
     config_cls: type
     model_cls: type
+    # original PyTorch state_dict -> the parameters hsa_jax.interop.load_state_dict takes (checked)
+    from_original: Callable = lambda cfg, state_dict: state_dict
 
 
 FAMILIES: dict[str, ModelFamily] = {
     "swa_hsa": ModelFamily(SWAHSAConfig, SWAHSAForCausalLM),
-    "drt": ModelFamily(DRTConfig, DRTForCausalLM),
+    "drt": ModelFamily(DRTConfig, DRTForCausalLM, strip_buffers),
 }
 
 
