@@ -81,8 +81,7 @@ class DRT(nnx.Module):
         self.upper_layers = nnx.List([
             nnx.List([UpperDecoderLayer(
                 _decoder_attention(cfg, rngs, dtype),
-                GroupCrossAttention(D, cfg.num_attention_heads, eps, std=std, rngs=rngs, dtype=dtype,
-                                    impl=cfg.gca_impl),
+                GroupCrossAttention(D, cfg.num_attention_heads, eps, std=std, rngs=rngs, dtype=dtype),
                 _mlp(cfg, rngs, dtype), D, eps, dtype=dtype) for _ in range(n)])
             for n in cfg.upper_group_layers])
         self.lmk_norms = nnx.List([RMSNorm(D, eps, dtype=dtype) for _ in range(cfg.num_groups)])
@@ -151,7 +150,7 @@ class DRTForCausalLM(nnx.Module):
                                          "scores": scores})
             outs = []
             for layer in layers:
-                h, gca_out = checkpoint(lambda lyr, h, mem: lyr(h, window, P, mem))(layer, h, memory)
+                h, gca_out = checkpoint(lambda lyr, h, mem: lyr(h, window, P, mem, cfg.gca_impl))(layer, h, memory)
                 outs.append(gca_out)
             aux["gca_out"].append(outs)
 

@@ -122,19 +122,20 @@ class GroupCrossAttention(nnx.Module):
     """GCA (spec §1.3 step 4.9): every position of chunk c >= 1, landmark included, attends to the K
     chunks retrieved by the landmark of chunk c-1; chunk 0 gets zeros."""
 
-    def __init__(self, dim: int, heads: int, norm_eps: float, *, std: float, rngs: nnx.Rngs, dtype, impl: str):
-        self.heads, self.impl = heads, impl
+    def __init__(self, dim: int, heads: int, norm_eps: float, *, std: float, rngs: nnx.Rngs, dtype):
+        self.heads = heads
         self.pre_norm = RMSNorm(dim, norm_eps, dtype=dtype)
         self.q_proj = Dense(dim, dim, axes=("embed", "heads"), std=std, rngs=rngs, dtype=dtype)
         self.o_proj = Dense(dim, dim, axes=("heads", "embed"), std=std, rngs=rngs, dtype=dtype)
 
-    def __call__(self, a_NxTxD, k_RxHxKxLkxd, v_RxHxKxLkxd, w_RxK, P: int):
+    def __call__(self, a_NxTxD, k_RxHxKxLkxd, v_RxHxKxLkxd, w_RxK, P: int, impl: str):
+        """impl: the GCA backend (cfg.gca_impl, read at call time so that it can change after loading)."""
         N, T, D = a_NxTxD.shape
         C, H, d = T // P, self.heads, D // self.heads
         q = self.q_proj(self.pre_norm(a_NxTxD[:, P:]))  # chunks 1..C-1 only: chunk 0 retrieves nothing
         q_RxHxPxd = q.reshape(N, C - 1, P, H, d).transpose(0, 1, 3, 2, 4).reshape(N * (C - 1), H, P, d)
         o = gca_attention(q_RxHxPxd, k_RxHxKxLkxd.astype(q.dtype), v_RxHxKxLkxd.astype(q.dtype), w_RxK,
-                          impl=self.impl)
+                          impl=impl)
         o = self.o_proj(o.reshape(N, C - 1, H, P, d).transpose(0, 1, 3, 2, 4).reshape(N, T - P, D))
         return jnp.concatenate([jnp.zeros((N, P, D), o.dtype), o], axis=1)
 
@@ -151,9 +152,9 @@ class UpperDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(dim, norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(dim, norm_eps, dtype=dtype)
 
-    def __call__(self, h_NxTxD, window: int, P: int, memory=None):
+    def __call__(self, h_NxTxD, window: int, P: int, memory=None, gca_impl: str = "auto"):
         """memory: (k, v, w) of the group's retrieval, or None when there is a single chunk.
         Returns (h', GCA output (N, T, D))."""
         a = h_NxTxD + self.self_attn(self.input_layernorm(h_NxTxD), None, None, window)
-        g = jnp.zeros_like(a) if memory is None else self.gca(a, *memory, P)
+        g = jnp.zeros_like(a) if memory is None else self.gca(a, *memory, P, gca_impl)
         return a + self.mlp(self.post_attention_layernorm(a + g)), g

@@ -226,6 +226,36 @@ def test_inference_settings_change_retrieval_not_weights(tiny_model, tmp_path):
         load("chunk_topk")
 
 
+def test_backend_setting_reaches_every_attention_call(tiny_model, tmp_path):
+    """`--set hsa_impl=` / `gca_impl=` changes the kernel the loaded model runs (a pallas_call appears in
+    its program), for converted weights of both families (DRT: original keys, ALiBi buffers included)."""
+    import jax
+
+    from hsa_jax.drt import DRTForCausalLM, export_original_state_dict
+    from hsa_jax.drt_config import DRTConfig
+    from hsa_jax.generate import load_model
+
+    drt = DRTForCausalLM(DRTConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                                   num_key_value_heads=1, decoder_layers=[1, 1, 1], encoder_layers=1,
+                                   enc_chunk_size=63, chunk_topk=2, chunk_id=60, pad_id=59, slide_window=40,
+                                   gca_impl="xla"), rngs=nnx.Rngs(0))
+    np.savez(tmp_path / "drt.npz", **export_original_state_dict(drt))
+    (tmp_path / "drt.json").write_text(json.dumps(drt.cfg.to_dict()))
+    save_safetensors(tiny_model, tmp_path / "swa.safetensors")
+    (tmp_path / "swa.json").write_text(json.dumps(tiny_model.cfg.to_dict()))
+    for model_type, weights, setting, length in [("drt", "drt.npz", "gca_impl", 189),
+                                                 ("swa_hsa", "swa.safetensors", "hsa_impl", 128)]:
+        ids = np.random.default_rng(2).integers(0, 58, (1, length))
+        programs = {}
+        for impl in ("xla", "interpret"):
+            model = load_model(weights=tmp_path / weights, config=tmp_path / weights.replace(
+                ".safetensors", ".json").replace(".npz", ".json"), model_type=model_type,
+                settings=[f"{setting}={impl}"])
+            assert getattr(model.cfg, setting) == impl
+            programs[impl] = str(jax.make_jaxpr(lambda x: model(x))(ids))
+        assert "pallas_call" not in programs["xla"] and "pallas_call" in programs["interpret"], model_type
+
+
 def test_hsa_eval_end_to_end(tiny_model, tmp_path, capsys):
     paths = build_synthetic(tmp_path / "data", samples=4, seq_len=256, haystack_docs=2, doc_tokens=3000)
     save_safetensors(tiny_model, tmp_path / "model.safetensors")
