@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hsa_jax.decode import check_prefill_args
+from hsa_jax.decode import CacheCapacityError, check_prefill_args
 from hsa_jax.drt_config import ENCODER_NORM_EPS, ENCODER_ROPE_THETA, DRTConfig
 from hsa_jax.drt_layers import DRTAttention, GroupCrossAttention, UpperDecoderLayer, gather_chunks, select_chunks
 from hsa_jax.interop import CheckpointMismatchError, export_state_dict, load_state_dict
@@ -161,7 +161,6 @@ class DRTForCausalLM(nnx.Module):
         aux["logits_lmk"] = m.embed_tokens.attend(h[:, :, S]).astype(jnp.float32)
         return logits, aux
 
-
     def make_decoder(self, **kwargs) -> "DRTDecoder":
         """The decoder of hsa_jax/generate.py and hsa-eval (hsa_jax.decode.make_decoder dispatches here)."""
         return DRTDecoder(self)
@@ -209,8 +208,9 @@ class DRTDecoder:
         if cache is None:
             cache = self.init_cache(N, capacity if capacity is not None else T)
         if cache.ids.shape[0] != N or cache.pos + T > cache.ids.shape[1]:
-            raise ValueError(f"prefill: {T} tokens for batch {N} do not fit a cache of batch {cache.ids.shape[0]} "
-                             f"at position {cache.pos} of {cache.ids.shape[1]}; pass a larger capacity")
+            raise CacheCapacityError(
+                f"prefill: {T} tokens for batch {N} do not fit a cache of batch {cache.ids.shape[0]} at position "
+                f"{cache.pos} of {cache.ids.shape[1]}; pass a larger capacity")
         hist = cache.ids.copy()
         hist[:, cache.pos:cache.pos + T] = ids
         new = DRTCache(hist, cache.pos + T)
@@ -223,9 +223,7 @@ class DRTDecoder:
             return None, new
         if logits == "last":
             return self._last(self._params, hist, new.pos - 1), new
-        if logits == "all":
-            return self._all(self._params, hist)[:, span], new
-        raise ValueError(f"logits={logits!r} must be one of ('all', 'last', 'none')")
+        return self._all(self._params, hist)[:, span], new  # "all" (check_prefill_args allows no other)
 
     def step(self, tokens, cache: DRTCache):
         """One token per row: tokens (N,) -> logits (N, V) fp32 and the updated cache."""

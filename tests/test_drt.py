@@ -17,7 +17,7 @@ from hsa_jax.config import ConfigError
 from hsa_jax.drt import (DRTForCausalLM, compare_drt_reference, export_original_state_dict, load_original_state_dict,
                          original_loss, strip_buffers)
 from hsa_jax.drt_config import DRTConfig
-from hsa_jax.decode import make_decoder
+from hsa_jax.decode import CacheCapacityError, make_decoder
 from hsa_jax.drt_layers import alibi_window_attention, select_chunks
 from hsa_jax.generate import generate
 from hsa_jax.interop import CheckpointMismatchError, param_paths
@@ -153,7 +153,7 @@ def test_decoder_prefill_in_pieces_equals_one_forward():
     assert rel_err(part, whole[:, 70:149]) < 1e-6 and rel_err(last, whole[:, 149]) < 1e-6
     full = jitted(model)(jnp.asarray(np.concatenate([ids, ids[:, :39]], 1)))  # 189 = 3 chunks
     assert rel_err(whole, full[:, :150]) < 1e-6
-    with pytest.raises(ValueError, match="pass a larger capacity"):
+    with pytest.raises(CacheCapacityError, match="pass a larger capacity"):
         dec.step(ids[:, 0], dataclasses.replace(cache, pos=cache.ids.shape[1]))
 
 
