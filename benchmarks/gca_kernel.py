@@ -15,16 +15,14 @@ and P = 65, plus a GQA and a head-dim-128 variant. FLOPs: 4*B*HQ*Lq*K*Lk*D per f
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.hsa_kernel import rel_err, time_ms
+from benchmarks.common import fwd_and_grad_fns, markdown_table, parser, rel_err, run_checks, time_ms, write_results
 from pallas_kernels.gca import GCAParams, gca_attention, gca_attention_pallas
 
 DEFAULT_SHAPES = ["259,12,12,64,8,64,64", "1036,12,12,64,8,64,64", "1036,12,12,65,8,64,64",
@@ -54,16 +52,8 @@ def make_inputs(key, B, HQ, H, Lq, K, Lk, D, dtype):
     return q, k, v, w, do
 
 
-def fwd_and_grad_fns(op):
-    """jit'd forward and forward+backward (o, dq, dk, dv, dw) of op(q, k, v, w)."""
-    @jax.jit
-    def fwd_bwd(q, k, v, w, do):
-        o, vjp = jax.vjp(op, q, k, v, w)
-        return o, vjp(do)
-    return jax.jit(op), fwd_bwd
-
-
 def check_case(case, key, params, interpret=False):
+    """(ok, {o, dq, dk, dv, dw: relative error}) of the Pallas op against the reference."""
     *shape, dtype = case
     q, k, v, w, do = make_inputs(key, *shape, jnp.dtype(dtype))
     tol = 1e-5 if dtype == "float32" else 1e-2
@@ -88,36 +78,16 @@ def bench_shape(shape, key, impls, params, interpret=False):
     return row
 
 
-def flops_fwd(shape):
+def flops_fwd(shape, impl=None):
     B, HQ, H, Lq, K, Lk, D = shape
     return 4 * B * HQ * Lq * K * Lk * D
 
 
-def markdown_table(rows, impls):
-    head = "| shape (B, HQ, H, Lq, K, Lk, D) | " + " | ".join(
-        f"{i} fwd ms | {i} fwd+bwd ms | {i} fwd TFLOP/s | {i} fwd+bwd TFLOP/s" for i in impls) + " |"
-    lines = [head, "|" + "---|" * (1 + 4 * len(impls))]
-    for r in rows:
-        cells = []
-        for i in impls:
-            f, fb = r[i]
-            fl = flops_fwd(r["shape"])
-            cells += [f"{f:.3f}", f"{fb:.3f}", f"{fl / f / 1e9:.1f}", f"{3.5 * fl / fb / 1e9:.1f}"]
-        lines.append(f"| {', '.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
-                    help="shapes to time, each 'B,HQ,H,Lq,K,Lk,D' (default: the DRT recipe and variants)")
-    ap.add_argument("--impls", default="pallas,xla", help="comma list: pallas, xla (the reference)")
-    ap.add_argument("--params", default="{}",
-                    help="JSON dict of GCAParams overrides for the Pallas op, e.g. '{\"block_q\": 32}'")
-    ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks before timing")
+    ap = parser(__doc__, DEFAULT_SHAPES, "B,HQ,H,Lq,K,Lk,D", "pallas,xla", "pallas, xla (reference)",
+                "JSON dict of GCAParams overrides for the Pallas op, e.g. '{\"block_q\": 32}'")
     ap.add_argument("--interpret", action="store_true",
                     help="run the Pallas kernels in interpret mode (a CPU smoke test of this script; times mean nothing)")
-    ap.add_argument("--out", default=None, help="directory for results.json and table.md")
     args = ap.parse_args()
 
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -129,15 +99,9 @@ def main():
     results = {"device": dev.device_kind, "params": vars(params)}
 
     if not args.no_check:
-        checks = []
         # Interpret mode runs each program in Python-level loops on the CPU: one batch row per case.
         cases = [(1, *c[1:]) for c in CHECK_CASES] if args.interpret else CHECK_CASES
-        for case in cases:
-            key, sub = jax.random.split(key)
-            ok, errs = check_case(case, sub, params, args.interpret)
-            checks.append({"case": case, "ok": ok, "rel_err": errs})
-            print(f"check {case}: {'OK' if ok else 'FAIL'} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()),
-                  flush=True)
+        checks, key = run_checks(cases, lambda case, sub: check_case(case, sub, params, args.interpret), key)
         results["checks"] = checks
         if not all(c["ok"] for c in checks):
             raise SystemExit("correctness check failed: not timing")
@@ -149,14 +113,9 @@ def main():
         rows.append(row)
         print(f"timed {shape}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "shape"), flush=True)
     results["rows"] = rows
-    table = markdown_table(rows, impls)
+    table = markdown_table(rows, impls, "B, HQ, H, Lq, K, Lk, D", flops_fwd)
     print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n")
+    write_results(args.out, results, table)
 
 
 if __name__ == "__main__":

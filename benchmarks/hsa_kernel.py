@@ -13,17 +13,15 @@ FlashAttention convention, for every implementation alike.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import fwd_and_grad_fns, markdown_table, parser, rel_err, run_checks, time_ms, write_results
 from pallas_kernels import hsa
 from pallas_kernels.hsa import KernelParams, hsa_attention, hsa_attention_pallas
 
@@ -44,23 +42,6 @@ CHECK_CASES = [
 # KernelParams overrides timed by --sweep (each row times the index, fwd, dq and dk/dv pieces).
 SWEEP = [dict(), dict(fwd_warps=1), dict(fwd_warps=4), dict(fwd_stages=3), dict(dq_warps=2),
          dict(dkv_rows=64), dict(dkv_warps=8), dict(dkv_splits=8), dict(dkv_splits=64)]
-
-
-def time_ms(fn, *args, target_s=0.3, trials=7):
-    """Median per-call time: each trial enqueues enough back-to-back calls to fill target_s/trials
-    (so host sync and dispatch gaps amortise), then waits for the device."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    calls = max(1, int(target_s / trials / max(time.perf_counter() - t0, 1e-6)))
-    samples = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / calls)
-    return 1e3 * statistics.median(samples)
 
 
 def causal_indices(key, Z, L, Lkv, H, K, S, correlated=False):
@@ -98,25 +79,8 @@ def make_inputs(key, Z, L, Lkv, HQ, H, D, K, S, dtype, correlated=False):
     return q, k, v, w, idx, do
 
 
-def fwd_and_grad_fns(op):
-    """jit'd forward and forward+backward (all of dq, dk, dv, dw) of op(q, k, v, w, idx)."""
-    fwd = jax.jit(op)
-
-    @jax.jit
-    def fwd_bwd(q, k, v, w, idx, do):
-        o, vjp = jax.vjp(lambda q, k, v, w: op(q, k, v, w, idx), q, k, v, w)
-        return o, vjp(do)
-    return fwd, fwd_bwd
-
-
-@jax.jit
-def rel_err(a, b):
-    """max |a - b| / max |b| in fp32 on the device (NaN anywhere gives NaN)."""
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)
-
-
 def check_case(case, key, params):
+    """(ok, {o, dq, dk, dv, dw: relative error}) of the Pallas op against the reference."""
     Z, L, Lkv, HQ, H, D, K, S, Q, sm_n, dtype = case
     q, k, v, w, idx, do = make_inputs(key, Z, L, Lkv, HQ, H, D, K, S, jnp.dtype(dtype))
     w, idx = w[:, ::Q], idx[:, ::Q]  # block-level retrieval: Q queries share a row
@@ -195,18 +159,8 @@ def flops_dense_fwd(shape):
     return 4 * Z * L * (L / 2) * HQ * D
 
 
-def markdown_table(rows, impls):
-    head = "| shape (Z, L, HQ, H, D, K, S) | " + " | ".join(
-        f"{i} fwd ms | {i} fwd+bwd ms | {i} fwd TFLOP/s | {i} fwd+bwd TFLOP/s" for i in impls) + " |"
-    lines = [head, "|" + "---|" * (1 + 4 * len(impls))]
-    for r in rows:
-        cells = []
-        for i in impls:
-            f, fb = r[i]
-            fl = flops_dense_fwd(r["shape"]) if i == "cudnn" else flops_fwd(r["shape"])
-            cells += [f"{f:.3f}", f"{fb:.3f}", f"{fl / f / 1e9:.1f}", f"{3.5 * fl / fb / 1e9:.1f}"]
-        lines.append(f"| {', '.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def flops(shape, impl):
+    return flops_dense_fwd(shape) if impl == "cudnn" else flops_fwd(shape)
 
 
 def growth(rows, impls):
@@ -222,15 +176,9 @@ def growth(rows, impls):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
-                    help="shapes to time, each 'Z,L,HQ,H,D,K,S' (default: the five of issue #3)")
-    ap.add_argument("--impls", default="pallas,xla,cudnn",
-                    help="comma list of implementations to time: pallas, xla (reference), cudnn (dense causal)")
-    ap.add_argument("--params", default="{}",
-                    help="JSON dict of KernelParams overrides for the Pallas op, e.g. '{\"fwd_warps\": 2}'")
-    ap.add_argument("--no-check", action="store_true",
-                    help="skip the GPU correctness and determinism checks before timing")
+    ap = parser(__doc__, DEFAULT_SHAPES, "Z,L,HQ,H,D,K,S", "pallas,xla,cudnn",
+                "pallas, xla (reference), cudnn (dense causal)",
+                "JSON dict of KernelParams overrides for the Pallas op, e.g. '{\"fwd_warps\": 2}'")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the KernelParams variants in SWEEP (fwd, dq, dk/dv pieces) "
                          "on the first shape and on --sweep-shape")
@@ -240,7 +188,6 @@ def main():
                     help="time the pieces of the Pallas op (fwd, dq, dk/dv, reverse index, its sort) per shape")
     ap.add_argument("--correlated", action="store_true",
                     help="also time the Pallas op with correlated indices (neighbouring tokens share chunks)")
-    ap.add_argument("--out", default=None, help="directory for results.json and table.md")
     args = ap.parse_args()
 
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -252,13 +199,7 @@ def main():
     results = {"device": dev.device_kind, "params": dataclasses.asdict(params)}
 
     if not args.no_check:
-        checks = []
-        for case in CHECK_CASES:
-            key, sub = jax.random.split(key)
-            ok, errs = check_case(case, sub, params)
-            checks.append({"case": case, "ok": ok, "rel_err": errs})
-            print(f"check {case}: {'OK' if ok else 'FAIL'} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()),
-                  flush=True)
+        checks, key = run_checks(CHECK_CASES, lambda case, sub: check_case(case, sub, params), key)
         key, sub = jax.random.split(key)
         det = check_deterministic(shapes[0], sub, params)
         print(f"bit-identical fwd+bwd over 4 runs at {shapes[0]}: {det}", flush=True)
@@ -288,18 +229,12 @@ def main():
         rows.append(row)
         print(f"timed {shape}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "shape"), flush=True)
     results["rows"] = rows
-    table = markdown_table(rows, impls)
-    lines = [table, *growth(rows, impls)]
+    lines = [markdown_table(rows, impls, "Z, L, HQ, H, D, K, S", flops), *growth(rows, impls)]
     if args.correlated:
         lines += [f"pallas, correlated indices, {r['shape']}: fwd {r['pallas_correlated'][0]:.3f} ms, "
                   f"fwd+bwd {r['pallas_correlated'][1]:.3f} ms" for r in rows]
     print("\n".join(lines))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_results(args.out, results, "\n".join(lines))
 
 
 if __name__ == "__main__":
