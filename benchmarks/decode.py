@@ -25,17 +25,13 @@ from flax import nnx
 
 from hsa_jax.config import SWAHSAConfig
 from hsa_jax.decode import SWAHSADecoder
+from hsa_jax.evaluate import parse_length
 from hsa_jax.model import SWAHSAForCausalLM
 
 CONFIG_125M = dict(vocab_size=50280, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
                    num_key_value_heads=4, num_kv_heads=1, num_lower_layers=6, num_upper_layers=6, num_upper_groups=1,
                    chunk_size=64, chunk_topk=8, retrieval_dim=768, encoder_layers=1, sliding_window=512,
                    initializer_range=0.02, tie_word_embeddings=True, dtype="bfloat16", param_dtype="float32")
-
-
-def parse_length(text: str) -> int:
-    t = text.strip().upper()
-    return int(float(t[:-1]) * {"K": 1024, "M": 1024 ** 2}[t[-1]]) if t[-1] in "KM" else int(t)
 
 
 def peak_bytes() -> int:

@@ -18,6 +18,7 @@ Writes OUT/results.json and OUT/accuracy.png (accuracy vs length, one line per t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -38,7 +39,7 @@ def parse_length(text: str) -> int:
 
 # Extra tasks for the CPU extrapolation demo (README "Extrapolation demo"): RulerTasks.passkey with a
 # shorter key (the RULER builders themselves are unchanged). "passkey2": 2-digit key, "passkey3": 3 digits.
-DEMO_TASKS = {f"passkey{d}": (lambda d: lambda builder, h: builder.passkey(h, digits=d))(d) for d in (2, 3)}
+DEMO_TASKS = {f"passkey{d}": functools.partial(RulerTasks.passkey, digits=d) for d in (2, 3)}
 ALL_TASKS = TASKS + tuple(DEMO_TASKS)
 
 
