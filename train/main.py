@@ -103,7 +103,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     index = resolve_index(cfg.data.index)
     eval_index = resolve_index(cfg.data.eval_index) if cfg.data.eval_index else index
-    vocab = read_manifest(index)["vocab_size"]
+    manifest = read_manifest(index)
+    vocab = manifest["vocab_size"]
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"config field model.vocab_size={cfg.model.vocab_size} is invalid: the token index "
                           f"{index} has vocab_size {vocab}; the model needs at least that")
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     rng_data = jax.random.key_data(jax.random.key(cfg.run.seed))
     loader = make_loader(index, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
                          mode=cfg.data.mode, seed=cfg.run.seed, worker_count=cfg.data.worker_count, repeat=True)
-    epoch_steps = (read_manifest(index)["total_tokens"] - 1) // cfg.data.seq_len // cfg.data.global_batch_size
+    epoch_steps = (manifest["total_tokens"] - 1) // cfg.data.seq_len // cfg.data.global_batch_size
     if cfg.data.mode == "sequential" and cfg.run.steps > epoch_steps:
         log(f"data: {index} holds {epoch_steps} sequential batches; steps beyond them start a new epoch "
             f"(run.steps={cfg.run.steps} = {cfg.run.steps / epoch_steps:.2f} epochs)")
