@@ -3,13 +3,13 @@ one document per topic, byte-tokenised. About 0.5M tokens; used by the default t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 from pathlib import Path
 
 from .build import build_index
 from .index import atomic_write
+from .lock import DirLock
 
 
 def bundled_texts() -> list[str]:
@@ -24,11 +24,9 @@ def ensure_bundled_corpus(directory: str | Path, progress: bool = False) -> Path
     directory `directory/index`. Idempotent and safe to call from concurrent processes: it rebuilds only
     when the source text changed (another Python version) or the index is incomplete."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     source, index = directory / "pydoc_topics.jsonl", directory / "index"
     text = "".join(json.dumps({"text": t}) + "\n" for t in bundled_texts()).encode()
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with DirLock(directory, what="bundled corpus", wait=True):  # concurrent callers wait for the first
         if source.exists() and source.read_bytes() == text and (index / "manifest.json").exists():
             return index
         shutil.rmtree(index, ignore_errors=True)

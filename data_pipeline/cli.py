@@ -19,8 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", required=True, metavar="DIR",
-                        help="index directory to write; rerunning the same command there resumes an "
-                             "interrupted run (finished shards are kept)")
+                        help="index directory to write (new, empty, or one of this tool's); rerunning the "
+                             "same command there resumes an interrupted run (finished shards are kept); "
+                             "one run at a time per directory")
     common.add_argument("--workers", type=int, default=1, metavar="N",
                         help="parallel worker processes, one input file each at a time (default 1)")
     common.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="T",
@@ -70,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             raise DataPipelineError("--workers and --shard-tokens must be >= 1")
         if args.command == "build":
             m = build_index(args.input, args.tokenizer, args.output, workers=args.workers,
-                            eos_token=args.eos_token, shard_tokens=args.shard_tokens, progress=progress)
+                            eos_token=args.eos_token, shard_tokens=args.shard_tokens, progress=progress, log=print)
         else:
             m = import_raw(args.input, args.output, eos_id=args.eos_id, vocab_size=args.vocab_size,
-                           workers=args.workers, shard_tokens=args.shard_tokens, progress=progress)
-    except DataPipelineError as e:
+                           workers=args.workers, shard_tokens=args.shard_tokens, progress=progress, log=print)
+    except (DataPipelineError, OSError) as e:  # OSError: e.g. an unwritable --output, a full disk
         print(f"hsa-preprocess {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "" if args.command == "verify" else "; finished shards are kept, rerun the same command to resume"
+        print(f"hsa-preprocess {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     print(f"{args.output}: {m['num_documents']:,} documents, {m['total_tokens']:,} tokens "
           f"({m['dtype']}, vocab_size {m['vocab_size']}, eos_id {m['eos_id']}) in {len(m['shards'])} shards")
     return 0

@@ -3,6 +3,7 @@
 Layout of an index directory DIR:
 
     DIR/manifest.json          written last, when every shard is complete (see `write_manifest`)
+    DIR/build.json, DIR/.lock  the build's settings and its single-writer lock (see build.py, lock.py)
     DIR/shards/NAME.tokens     raw little-endian uint16 (uint32 if vocab_size > 65536) token ids, no
                                header; every document is followed by one EOS, so a uint16 shard is byte
                                for byte a `.data` stream of the original repo
@@ -29,6 +30,8 @@ FORMAT = "hsa-token-index"
 FORMAT_VERSION = 1
 OFFSETS_DTYPE = np.dtype("<i8")
 SHARDS = "shards"
+SCAN_CHUNK = 1 << 24  # tokens per pass when a file is scanned: bounded memory for multi-GiB shards
+SHARD_FIELDS = ("name", "tokens", "offsets", "num_tokens", "num_documents")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -63,7 +66,8 @@ class ShardWriter:
     """Streams whole documents into DIR/shards/NAME.*; nothing under a final name until `close()`.
 
     `write(tokens, lengths)`: tokens (N,) of the shard dtype, each document ending with its EOS; lengths
-    (D,) int64 token counts per document, summing to N."""
+    (D,) int64 token counts per document, summing to N. The largest id is tracked as the tokens pass, so
+    the entry's `max_token_id` costs no second read of the shard."""
 
     def __init__(self, directory: Path, name: str, dtype: np.dtype, extra: dict):
         self.shard_dir = Path(directory) / SHARDS
@@ -74,9 +78,13 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._lengths: list[np.ndarray] = []
         self.num_tokens = 0
+        self.max_token_id = -1
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        buf = np.ascontiguousarray(tokens, self.dtype).data
+        tokens_n = np.ascontiguousarray(tokens, self.dtype)
+        if len(tokens_n):
+            self.max_token_id = max(self.max_token_id, int(tokens_n.max()))
+        buf = tokens_n.data
         self._f.write(buf)
         self._sha.update(buf)
         self._lengths.append(np.asarray(lengths, np.int64))
@@ -97,18 +105,41 @@ class ShardWriter:
         meta = {"name": self.name, "tokens": f"{SHARDS}/{self.name}.tokens", "offsets": f"{SHARDS}/{self.name}.offsets",
                 "num_tokens": int(self.num_tokens), "num_documents": len(offsets) - 1,
                 "bytes": int(self.num_tokens * self.dtype.itemsize), "sha256": self._sha.hexdigest(),
-                "offsets_sha256": hashlib.sha256(off_bytes).hexdigest(), **self.extra}
+                "offsets_sha256": hashlib.sha256(off_bytes).hexdigest(), "max_token_id": self.max_token_id,
+                **self.extra}
         atomic_write_json(self.shard_dir / f"{self.name}.json", meta)
         return meta
 
 
+def scan_max_token_id(path: Path, dtype: np.dtype) -> int:
+    """The largest id in a .tokens file (-1 when empty), read in bounded chunks."""
+    tokens = np.memmap(path, dtype, "r") if path.stat().st_size else np.empty(0, dtype)
+    top = -1
+    for lo in range(0, len(tokens), SCAN_CHUNK):
+        top = max(top, int(tokens[lo:lo + SCAN_CHUNK].max()))
+    return top
+
+
 def write_manifest(directory: Path, *, tokenizer: dict, vocab_size: int, eos_id: int, shards: list[dict]) -> dict:
-    """Assemble and atomically write DIR/manifest.json from complete shard entries (in stream order)."""
+    """Assemble and atomically write DIR/manifest.json from complete shard entries (in stream order).
+
+    Shard entries written before `max_token_id` existed (a build resumed across that change) get it by
+    scanning their file. Refuses (DataPipelineError naming the shard) an id >= vocab_size: no writer
+    should produce one, and a manifest must never claim a bound its shards break."""
+    directory, dtype = Path(directory), token_dtype(vocab_size)
+    shards = [s if "max_token_id" in s else {**s, "max_token_id": scan_max_token_id(directory / s["tokens"], dtype)}
+              for s in shards]
+    for s in shards:
+        if s["max_token_id"] >= vocab_size:
+            raise DataPipelineError(f"{directory / s['tokens']}: token id {s['max_token_id']} >= vocab_size "
+                                    f"{vocab_size} (from {s.get('source', '?')}); the tokenizer's declared "
+                                    f"vocab_size is wrong, no manifest written")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer,
-        "vocab_size": int(vocab_size), "eos_id": int(eos_id), "dtype": token_dtype(vocab_size).name,
+        "vocab_size": int(vocab_size), "eos_id": int(eos_id), "dtype": dtype.name,
         "total_tokens": sum(s["num_tokens"] for s in shards),
-        "num_documents": sum(s["num_documents"] for s in shards), "shards": shards,
+        "num_documents": sum(s["num_documents"] for s in shards),
+        "max_token_id": max((s["max_token_id"] for s in shards), default=-1), "shards": shards,
     }
     atomic_write_json(Path(directory) / "manifest.json", manifest)
     return manifest
@@ -132,6 +163,14 @@ def read_manifest(directory: str | Path) -> dict:
     for key in ("vocab_size", "eos_id", "dtype", "total_tokens", "num_documents", "shards"):
         if key not in manifest:
             raise DataPipelineError(f"{path}: missing field {key!r}")
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise DataPipelineError(f"{path}: dtype {manifest['dtype']!r}, expected uint16 or uint32")
+    if not isinstance(manifest["shards"], list):
+        raise DataPipelineError(f"{path}: 'shards' is not a list")
+    for k, s in enumerate(manifest["shards"]):
+        missing = [f for f in SHARD_FIELDS if f not in s] if isinstance(s, dict) else list(SHARD_FIELDS)
+        if missing:
+            raise DataPipelineError(f"{path}: shard entry {k} lacks {missing}")
     return manifest
 
 
@@ -156,6 +195,7 @@ class TokenIndex:
             self._check_size(s["tokens"], int(s["num_tokens"]) * self.dtype.itemsize)
             self._check_size(s["offsets"], (int(s["num_documents"]) + 1) * OFFSETS_DTYPE.itemsize)
         self._maps = None
+        self._shard_max: list[int] | None = None
 
     def _check_size(self, rel: str, expected: int) -> None:
         path = self.directory / rel
@@ -169,6 +209,22 @@ class TokenIndex:
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": None}
+
+    def shard_max_token_ids(self) -> list[int]:
+        """Each shard's largest id: from the manifest, or (an index written before manifests recorded it)
+        by scanning that shard once; cached."""
+        if self._shard_max is None:
+            self._shard_max = [int(s["max_token_id"]) if "max_token_id" in s
+                               else scan_max_token_id(self.directory / s["tokens"], self.dtype)
+                               for s in self.manifest["shards"]]
+        return self._shard_max
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the index (-1 for no tokens)."""
+        if "max_token_id" in self.manifest:
+            return int(self.manifest["max_token_id"])
+        return max(self.shard_max_token_ids(), default=-1)
 
     def _open(self):
         if self._maps is None:
@@ -211,6 +267,24 @@ class TokenIndex:
             local = positions[sel] - self.starts[k]
             ends[sel] = self.starts[k] + offsets[np.searchsorted(offsets, local, "right")]
         return ends
+
+
+def check_vocab(index: str | os.PathLike | TokenIndex, vocab_size: int) -> None:
+    """Raise DataPipelineError (one line naming the index, the id and its shard) unless every token id of
+    `index` (a directory or a TokenIndex) is < `vocab_size`, e.g. a model's embedding rows.
+
+    An index whose manifest predates `max_token_id` is scanned only when its declared vocab_size exceeds
+    `vocab_size` (otherwise the build's guarantee, ids < declared vocab_size, already settles it)."""
+    index = index if isinstance(index, TokenIndex) else TokenIndex(index)
+    if "max_token_id" not in index.manifest and index.vocab_size <= vocab_size:
+        return
+    top = index.max_token_id
+    if top < vocab_size:
+        return
+    k = int(np.argmax(index.shard_max_token_ids()))
+    raise DataPipelineError(f"{index.directory}: token id {top} (in {index.manifest['shards'][k]['tokens']}) "
+                            f"is >= vocab_size {vocab_size}; the model needs vocab_size > {top}, or an "
+                            f"index made with its tokenizer")
 
 
 def _map(path: Path, dtype: np.dtype) -> np.ndarray:

@@ -10,9 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataPipelineError
-from .index import OFFSETS_DTYPE, read_manifest, token_dtype
-
-CHUNK = 1 << 24  # tokens per pass: bounded memory for multi-GiB shards
+from .index import OFFSETS_DTYPE, SCAN_CHUNK, read_manifest, token_dtype
 
 
 @dataclasses.dataclass
@@ -52,15 +50,18 @@ def _check_shard(directory: Path, shard: dict, dtype: np.dtype, vocab_size: int,
         return problems
     tokens = np.memmap(tok_path, dtype, "r")
     sha = hashlib.sha256()
-    n_eos = 0
-    for lo in range(0, n, CHUNK):
-        block = np.asarray(tokens[lo:lo + CHUNK])
+    n_eos, top = 0, -1
+    for lo in range(0, n, SCAN_CHUNK):
+        block = np.asarray(tokens[lo:lo + SCAN_CHUNK])
         sha.update(block.data)
         n_eos += int(np.count_nonzero(block == eos_id))
+        top = max(top, int(block.max()))
         bad = np.flatnonzero(block >= vocab_size)
         if len(bad) and len(problems) < 10:
             problems.append(f"{tok_path}: token {int(block[bad[0]])} at position {lo + int(bad[0])} "
                             f">= vocab_size {vocab_size}")
+    if "max_token_id" in shard and shard["max_token_id"] != top:
+        problems.append(f"{tok_path}: largest id {top}, manifest says max_token_id {shard['max_token_id']}")
     if sha.hexdigest() != shard["sha256"]:
         problems.append(f"{tok_path}: sha256 mismatch (corrupt or changed since it was written)")
     ends = np.asarray(tokens[offsets[1:] - 1])
@@ -74,7 +75,8 @@ def _check_shard(directory: Path, shard: dict, dtype: np.dtype, vocab_size: int,
 
 def verify_index(directory: str | Path, progress: bool = True) -> VerifyReport:
     """Check the manifest (fields, totals, dtype), then every shard: sizes, sha256 of tokens and offsets,
-    offsets rising from 0 to num_tokens, one EOS ending each document and none elsewhere, ids < vocab."""
+    offsets rising from 0 to num_tokens, one EOS ending each document and none elsewhere, ids < vocab,
+    max_token_id (when recorded) equal to the largest id."""
     directory = Path(directory)
     report = VerifyReport(directory)
     try:
@@ -94,6 +96,10 @@ def verify_index(directory: str | Path, progress: bool = True) -> VerifyReport:
         total = sum(int(s[per_shard]) for s in m["shards"])
         if total != m[key]:
             report.problems.append(f"{mpath}: {key} {m[key]} but the shards sum to {total}")
+    if "max_token_id" in m and all("max_token_id" in s for s in m["shards"]):
+        top = max((int(s["max_token_id"]) for s in m["shards"]), default=-1)
+        if m["max_token_id"] != top:
+            report.problems.append(f"{mpath}: max_token_id {m['max_token_id']} but the shards' largest is {top}")
     for shard in tqdm(m["shards"], desc="verify", unit="shard", disable=not progress):
         report.problems += _check_shard(directory, shard, token_dtype(vocab), vocab, eos)
         report.shards_checked += 1
