@@ -1,9 +1,11 @@
 """grain loading of an index: windows of L+1 tokens, batched per JAX process.
 
-Window i of a loader is a pure function of (index, mode, seed, i). The global batch at step s is windows
-s*B .. s*B+B-1 (B = global batch size) whatever the process count; process p of P gets the windows
-(s*b + j)*P + p for j < b = B/P (see BatchSource). So processes read disjoint windows that together make
-up each global batch exactly once, and a grain iterator state restores the exact position.
+Window i of a loader is a pure function of (index, mode, seed, i). Row r of the global batch at step s is
+window s*B + r (B = global batch size) whatever the process count; process p of P reads rows
+p*b .. p*b+b-1 (b = B/P), its contiguous block of the batch (see BatchSource). So the global batch of a
+step is the same tokens in the same order on any cluster shape, and a run's data position is just its
+step: `make_loader(start_step=s)` continues at step s on any process count. A grain iterator state also
+restores the exact position within one process layout.
 """
 
 from __future__ import annotations
@@ -84,35 +86,39 @@ class WindowSource(grain.RandomAccessDataSource):
 
 
 class BatchSource(grain.RandomAccessDataSource):
-    """Record r is the batch of process r % P at global step r // P: {"input_ids": int32 (b, L+1)} with
-    row j = window (step*b + j)*P + r % P of `windows` (b = B/P). Whole batches as records keep grain's
-    per-record overhead off the per-window path; grain's interleaved sharding then hands process p the
-    records p, P + p, 2P + p, ..., i.e. its batch of every step."""
+    """Record r is this process's rows of the global batch at step (start_step + r) mod steps:
+    {"input_ids": int32 (b, L+1)} with row j = window step*B + row_start + j of `windows`. Whole batches
+    as records keep grain's per-record overhead off the per-window path; the step offset lets a run
+    resume at any step without replaying the iterator."""
 
-    def __init__(self, windows: WindowSource, global_batch_size: int, process_count: int):
-        self.windows, self.process_count = windows, process_count
-        self.per_process = global_batch_size // process_count
+    def __init__(self, windows: WindowSource, global_batch_size: int, row_start: int, rows: int,
+                 start_step: int = 0):
+        self.windows, self.global_batch_size = windows, global_batch_size
+        self.row_start, self.rows, self.start_step = row_start, rows, start_step
         self.steps = len(windows) // global_batch_size
 
     def __len__(self) -> int:
-        return self.steps * self.process_count
+        return self.steps
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
-        step, p = divmod(int(r), self.process_count)
-        out = np.empty((self.per_process, self.windows.seq_len + 1), np.int32)
-        for j in range(self.per_process):
-            self.windows.window((step * self.per_process + j) * self.process_count + p, out[j])
+        step = (self.start_step + int(r)) % self.steps
+        out = np.empty((self.rows, self.windows.seq_len + 1), np.int32)
+        first = step * self.global_batch_size + self.row_start
+        for j in range(self.rows):
+            self.windows.window(first + j, out[j])
         return {"input_ids": out}
 
     def __repr__(self) -> str:
-        return f"BatchSource({self.windows!r}, per_process={self.per_process}, process_count={self.process_count})"
+        return (f"BatchSource({self.windows!r}, global_batch_size={self.global_batch_size}, "
+                f"rows={self.row_start}..{self.row_start + self.rows - 1}, start_step={self.start_step})")
 
 
 def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, mode: str = "random",
                 seed: int = 0, process_index: int | None = None, process_count: int | None = None,
                 worker_count: int = 0, worker_buffer_size: int = 2, num_samples: int | None = None,
-                read_threads: int = 1, repeat: bool = False) -> grain.DataLoader:
-    """A grain DataLoader yielding {"input_ids": int32 (global_batch_size // process_count, seq_len + 1)}.
+                read_threads: int = 1, repeat: bool = False, start_step: int = 0) -> grain.DataLoader:
+    """A grain DataLoader yielding {"input_ids": int32 (global_batch_size // process_count, seq_len + 1)}:
+    process p's contiguous rows p*b .. p*b+b-1 of each global batch, starting at global step `start_step`.
 
     process_index/process_count default to jax.process_index()/jax.process_count(). worker_count > 0
     prefetches in that many worker processes (same batches as 0); read_threads is grain's reading thread
@@ -120,7 +126,8 @@ def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, 
     `get_state() -> bytes` (JSON) and `set_state(bytes)`; a loader built with the same arguments and
     restored from a state continues with exactly the next batch. Random modes never end (2**40 samples
     unless num_samples); sequential ends after (total_tokens - 1) // seq_len // global_batch_size steps,
-    or with repeat=True starts over (same order) as often as asked (training for more than one epoch).
+    or with repeat=True starts over (same order) as often as asked (training for more than one epoch);
+    a sequential start_step counts from the first epoch (it is taken modulo the epoch length).
     """
     if process_index is None or process_count is None:
         import jax
@@ -141,13 +148,20 @@ def make_loader(index_dir: str | Path, *, seq_len: int, global_batch_size: int, 
     if len(source) < global_batch_size:
         raise DataPipelineError(f"{index_dir}: {len(source)} {mode} windows of {seq_len + 1} tokens, fewer "
                                 f"than one global batch of {global_batch_size}")
+    if start_step < 0:
+        raise DataPipelineError(f"start_step {start_step}: must be >= 0")
+    rows = global_batch_size // process_count
+    batches = BatchSource(source, global_batch_size, process_index * rows, rows, start_step)
+    if not repeat and start_step >= len(batches):
+        raise DataPipelineError(f"start_step {start_step}: the {mode} loader has only {len(batches)} steps "
+                                f"(use repeat=True for more than one pass)")
     return grain.DataLoader(
-        data_source=BatchSource(source, global_batch_size, process_count),
-        sampler=grain.IndexSampler(num_records=(len(source) // global_batch_size) * process_count,
+        data_source=batches,
+        sampler=grain.IndexSampler(num_records=len(batches) - (0 if repeat else start_step),
                                    shard_options=grain.NoSharding(), shuffle=False,
                                    num_epochs=None if repeat else 1, seed=seed),
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
-        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
+        shard_options=grain.NoSharding(),
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads * 2),
     )

@@ -345,15 +345,34 @@ def test_four_processes_read_disjoint_complete_slices(bundled, bundled_stream):
     rows = [r.tobytes() for x in per_proc for b in x for r in b["input_ids"]]
     expected = [bundled_stream[i * L:i * L + L + 1].tobytes() for i in range(n_steps * B)]
     assert sorted(rows) == sorted(expected) and len(set(rows)) == len(rows)
-    # Random modes: at each step the 4 slices make up the single-process global batch.
-    for mode in ("random", "across_docs"):
+    # Every mode: at each step the 4 slices, in process order, are the single-process global batch (same
+    # rows in the same order), so a run can move between cluster shapes.
+    for mode in ("random", "across_docs", "sequential"):
         kw = dict(seq_len=L, global_batch_size=B, mode=mode, seed=5)
         whole = _batches(make_loader(bundled, process_index=0, process_count=1, **kw), 3)
         parts = [_batches(make_loader(bundled, process_index=p, process_count=P, **kw), 3) for p in range(P)]
         for s in range(3):
             got = np.concatenate([parts[p][s] for p in range(P)])
             assert got.shape == (B, L + 1)
-            assert sorted(r.tobytes() for r in got) == sorted(r.tobytes() for r in whole[s])
+            np.testing.assert_array_equal(got, whole[s])
+
+
+@pytest.mark.parametrize("mode", ["random", "across_docs", "sequential"])
+def test_start_step_continues_on_any_process_count(bundled, bundled_stream, mode):
+    L, B = 128, 8
+    kw = dict(seq_len=L, global_batch_size=B, mode=mode, seed=11, repeat=True)
+    whole = _batches(make_loader(bundled, process_index=0, process_count=1, **kw), 7)
+    for P in (1, 2, 4):  # resume at step 4 on another process count: steps 4, 5, 6 as in the one run
+        parts = [_batches(make_loader(bundled, process_index=p, process_count=P, start_step=4, **kw), 3)
+                 for p in range(P)]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole[4:7])
+    steps = (len(bundled_stream) - 1) // L // B  # sequential steps per epoch
+    if mode == "sequential":  # past the end of an epoch, repeat continues in the next pass
+        nxt = _batches(make_loader(bundled, process_index=0, process_count=1, start_step=steps + 1, **kw), 1)
+        np.testing.assert_array_equal(nxt[0], whole[1])
+        with pytest.raises(DataPipelineError, match="start_step"):
+            make_loader(bundled, seq_len=L, global_batch_size=B, mode=mode, process_index=0, process_count=1,
+                        start_step=steps)
 
 
 def test_loader_argument_errors(bundled):

@@ -1,12 +1,12 @@
-"""Orbax checkpoints of the whole run state: params, optimizer state, step, rng, data iterator
-position and config. Saves are async and atomic (Orbax writes to a temporary directory and renames);
-restore falls back to the previous checkpoint when the latest is corrupt or partial, and reshards onto
-whatever mesh the restoring run uses.
+"""Orbax checkpoints of the whole run state: params, optimizer state, step, rng, data position and
+config. Saves are async and atomic (Orbax writes to a temporary directory and renames); restore falls
+back to the previous checkpoint when the latest is corrupt or partial, and reshards onto whatever mesh
+and process count the restoring run uses. Every saved array is a global jax.Array and every process
+calls save/restore (Orbax writes each process's shards and the JSON items once).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -21,28 +21,29 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
         )
 
-    def save(self, step: int, state, data_state: bytes, config: dict, rng_data) -> None:
+    def save(self, step: int, state, config: dict, rng_data) -> None:
+        """`step` steps are done: the data position (the next global batch) is `step` too, whatever the
+        process count, so it is stored as that rather than as one process's iterator."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({**state, "rng": rng_data}),
-            data=ocp.args.JsonSave(json.loads(data_state.decode())),
+            data=ocp.args.JsonSave({"next_step": step}),
             config=ocp.args.JsonSave(config),
         ))
 
     def restore_latest(self, target_state, rng_data, log=print):
-        """-> (step, state, data_state bytes) of the newest readable checkpoint, or None if none exist.
+        """-> (step, state) of the newest readable checkpoint, or None if none exist.
         `target_state` (concrete arrays on the current mesh) gives the shapes and shardings to restore to."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**target_state, "rng": rng_data})
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             except Exception as e:  # a partial or corrupt checkpoint: report it and try the previous one
                 log(f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); trying the previous one")
                 continue
             state = dict(out.state)
             state.pop("rng")
-            return step, state, json.dumps(out.data).encode()
+            return step, state
         return None
 
     def wait(self):

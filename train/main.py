@@ -3,8 +3,10 @@
     hsa-train                                   # embedded default: tiny model, bundled corpus, CPU-sized
     hsa-train --config configs/swa_hsa_125m.yaml data.index=/data/pile_neox workdir=/ckpt/run1
     hsa-train steps=50 eval_every=25            # overrides: key=value (see train/config.py)
+    hsa-train --coordinator node0:9476 --num-processes 4 --process-id $I ...   # one of 4 processes
 
-Rerunning the same command on the same workdir resumes from its latest checkpoint.
+Rerunning the same command on the same workdir resumes from its latest checkpoint, on any number of
+processes and devices (README "Running on a cluster").
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -26,20 +27,14 @@ from tqdm import tqdm
 
 from hsa_jax.config import ConfigError
 from hsa_jax.registry import family
+from train import distributed
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, load_config
 from train.flops import peak_flops_per_device, train_flops_per_token
-from train.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from train.sharding import batch_sharding, global_batch, make_mesh, param_shardings, replicate, replicated
 from train.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
 
 BUNDLED_CACHE = pathlib.Path(os.environ.get("HSA_DATA_CACHE", pathlib.Path.home() / ".cache" / "hsa-jax")) / "bundled"
-
-
-def maybe_initialize_distributed():
-    """Multi-process runs: let JAX autodetect the cluster (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS)."""
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
 
 
 def resolve_index(path: str) -> pathlib.Path:
@@ -55,14 +50,21 @@ def init_state(cfg: TrainConfig, mesh):
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     params = jax.jit(make, out_shardings=param_shardings(abstract_params, mesh))()
     tx = make_optimizer(cfg, params)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))}
-    return graphdef, tx, state
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": replicate(np.int32(0), mesh)}
+    # One sharding per leaf, so the step's inputs and outputs agree and it compiles once.
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated(mesh),
+                             state)
+    return graphdef, tx, jax.jit(lambda s: s, out_shardings=shardings)(state)
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) and TensorBoard event files under workdir."""
+    """metrics.jsonl (one object per logged step) and TensorBoard event files under workdir, written by
+    process 0 only (`enabled=False` on the others)."""
 
-    def __init__(self, workdir: pathlib.Path, resumed_step: int):
+    def __init__(self, workdir: pathlib.Path, resumed_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path = workdir / "metrics.jsonl"
         if self.path.exists():  # drop entries past the checkpoint we resume from: they will be redone
             keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
@@ -71,6 +73,8 @@ class MetricsLog:
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, record: dict):
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():
@@ -78,14 +82,25 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, record["step"])
         self.tb.flush()
 
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+
+
+def process_rows(cfg: TrainConfig) -> int:
+    """First row of this process's block of every global batch (what make_loader reads for it)."""
+    return jax.process_index() * (cfg.data.global_batch_size // jax.process_count())
+
 
 def evaluate(eval_step, params, cfg: TrainConfig, index, mesh, batches: int) -> dict:
+    """Loss over the first `batches` global batches of the index in order: sums over every process's
+    rows (the step's outputs are global), so each process gets the same global mean."""
     from data_pipeline import make_loader
     loader = make_loader(index, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
                          mode="sequential", seed=0)
     nll, count = 0.0, 0
     for _, batch in zip(range(batches), loader):
-        ids = jax.make_array_from_process_local_data(batch_sharding(mesh), batch["input_ids"])
+        ids = global_batch(batch["input_ids"], batch_sharding(mesh), process_rows(cfg))
         s, n = eval_step(params, ids)
         nll, count = nll + float(s), count + int(n)
     loss = nll / max(count, 1)
@@ -93,13 +108,15 @@ def evaluate(eval_step, params, cfg: TrainConfig, index, mesh, batches: int) -> 
 
 
 def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
-    """Runs (or resumes) training; returns a summary {first_loss, last_loss, eval_loss, steps_run, ...}."""
+    """Runs (or resumes) training; returns a summary {first_loss, last_loss, eval_loss, steps_run, ...}.
+    In a multi-process run every process calls this (after `distributed.initialize`) with the same cfg."""
     from data_pipeline import make_loader, read_manifest
 
-    maybe_initialize_distributed()
+    primary = distributed.is_primary()
     workdir = pathlib.Path(cfg.run.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if primary:
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     index = resolve_index(cfg.data.index)
     eval_index = resolve_index(cfg.data.eval_index) if cfg.data.eval_index else index
@@ -110,27 +127,24 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
                           f"{index} has vocab_size {vocab}; the model needs at least that")
 
     graphdef, tx, state = init_state(cfg, mesh)
-    rng_data = jax.random.key_data(jax.random.key(cfg.run.seed))
-    loader = make_loader(index, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
-                         mode=cfg.data.mode, seed=cfg.run.seed, worker_count=cfg.data.worker_count, repeat=True)
+    rng_data = replicate(jax.random.key_data(jax.random.key(cfg.run.seed)), mesh)
     epoch_steps = (manifest["total_tokens"] - 1) // cfg.data.seq_len // cfg.data.global_batch_size
     if cfg.data.mode == "sequential" and cfg.run.steps > epoch_steps:
         log(f"data: {index} holds {epoch_steps} sequential batches; steps beyond them start a new epoch "
             f"(run.steps={cfg.run.steps} = {cfg.run.steps / epoch_steps:.2f} epochs)")
-    batches = iter(loader)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.run.keep_checkpoints)
     start = 0
     restored = ckpt.restore_latest(state, rng_data, log=log) if resume else None
     if restored is not None:
-        start, state, data_state = restored
-        batches.set_state(data_state)
+        start, state = restored
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
-    metrics = MetricsLog(workdir, start)
+    # The data position is the step: the global batch of step s is the same on any process count.
+    batches = iter(make_loader(index, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
+                               mode=cfg.data.mode, seed=cfg.run.seed, worker_count=cfg.data.worker_count,
+                               repeat=True, start_step=start))
+    metrics = MetricsLog(workdir, start, enabled=primary)
 
-    # One sharding per leaf, so the step's inputs and outputs agree and it compiles once.
-    state_shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated(mesh), state)
-    state = jax.device_put(state, state_shardings)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(graphdef, tx, cfg, mesh), donate_argnums=0,
                          out_shardings=(state_shardings, replicated(mesh)))
     eval_step = jax.jit(make_eval_step(graphdef, mesh))
@@ -140,17 +154,19 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     flops_per_step = train_flops_per_token(cfg.model_type, cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops_per_device()
 
+    # SIGTERM: a single process catches it itself; in a multi-process run jax's preemption notifier
+    # catches it on whichever process gets it and every process stops at the same step.
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+    multi = jax.distributed.is_initialized()
+    previous = None if multi else signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
     summary = {"first_loss": None, "last_loss": None, "eval_loss": None, "start_step": start}
     bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=jax.process_index() != 0)
+               disable=not primary)
     window_start, window_steps = time.perf_counter(), 0
-    step = start
+    step, row_start = start, process_rows(cfg)
     try:
         while step < cfg.run.steps:
-            batch = next(batches)["input_ids"]
-            ids = jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
+            ids = global_batch(next(batches)["input_ids"], batch_sharding(mesh), row_start)
             state, m = train_step(state, ids, jax.random.fold_in(base_rng, step))
             step += 1
             window_steps += 1
@@ -180,18 +196,23 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
                 ev = evaluate(eval_step, state["params"], cfg, eval_index, mesh, cfg.run.eval_batches)
                 metrics.write({"step": step, **ev})
                 summary["eval_loss"] = ev["eval_loss"]
-                bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+                if primary:
+                    bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
                 window_start, window_steps = time.perf_counter(), 0
+            if distributed.preemption_reached(step):
+                stop["signal"] = signal.SIGTERM
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stop["signal"]:
-                ckpt.save(step, state, batches.get_state(), cfg.to_dict(), rng_data)
+                ckpt.save(step, state, cfg.to_dict(), rng_data)
             if stop["signal"]:
-                bar.write(f"SIGTERM: saved checkpoint {step}, exiting")
+                log(f"SIGTERM: saved checkpoint {step}, exiting")
                 break
     finally:
         bar.close()
+        metrics.close()
         ckpt.wait()
         ckpt.close()
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     summary.update(steps_run=step - start, final_step=step, params=state["params"])
     return summary
 
@@ -204,6 +225,18 @@ def parse_args(argv=None):
     p.add_argument("--resume", choices=("auto", "never"), default="auto",
                    help="auto (default): continue from the workdir's latest checkpoint if there is one; "
                         "never: start from scratch (existing checkpoints of later steps are overwritten)")
+    c = p.add_argument_group("multi-process launch", "one hsa-train process per host (or per GPU); without these "
+                             "flags JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are read, then "
+                             "a SLURM or Open MPI job is detected; otherwise the run is one process")
+    c.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="address of process 0, where the others join (the same on every process)")
+    c.add_argument("--num-processes", type=int, metavar="N", default=None, help="number of processes in the run")
+    c.add_argument("--process-id", type=int, metavar="I", default=None, help="this process's index, 0 .. N-1")
+    c.add_argument("--local-devices", metavar="IDS", default=None,
+                   help="comma-separated GPU ids this process uses, e.g. 0 or 0,1 (default: every visible GPU; "
+                        "env JAX_LOCAL_DEVICE_IDS)")
+    c.add_argument("--init-timeout", type=float, metavar="SECONDS", default=300,
+                   help="how long to wait for the coordinator and all processes to join (default 300)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. steps=100 workdir=/tmp/run model.hidden_size=256 optim.lr=1e-3; "
                         "sections: model, data, optim, mesh, run")
@@ -212,14 +245,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    say = lambda msg: print(f"hsa-train: {msg}", flush=True)
     try:
+        # Config errors first (no waiting for a cluster to say them); nothing here touches a backend.
         cfg = load_config(args.config, args.overrides)
-        print(f"hsa-train: workdir {pathlib.Path(cfg.run.workdir).absolute()}, {jax.device_count()} "
-              f"{jax.default_backend()} device(s), mesh {cfg.mesh}")
-        s = train(cfg, resume=args.resume == "auto", log=lambda msg: print(f"hsa-train: {msg}"))
+        launch = distributed.resolve(args.coordinator, args.num_processes, args.process_id, args.local_devices)
+        distributed.initialize(launch, args.init_timeout, log=say)
+        primary = distributed.is_primary()
+        log = say if primary else (lambda msg: None)
+        where = f"{jax.process_count()} processes, " if jax.process_count() > 1 else ""
+        log(f"workdir {pathlib.Path(cfg.run.workdir).absolute()}, {where}{jax.device_count()} "
+            f"{jax.default_backend()} device(s), mesh {cfg.mesh}")
+        s = train(cfg, resume=args.resume == "auto", log=log)
     except (ConfigError, FloatingPointError) as e:
         print(f"hsa-train: error: {e}", file=sys.stderr)
         return 2
+    if not primary:
+        return 0
     if s["steps_run"]:
         ev = "not run" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
         print(f"hsa-train: steps {s['start_step']}->{s['final_step']}: loss {s['first_loss']:.4f} -> "

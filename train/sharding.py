@@ -61,3 +61,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def global_batch(local_bxL: np.ndarray, sharding: NamedSharding, row_start: int) -> jax.Array:
+    """The global (B, L) batch array from this process's rows [row_start, row_start + b) (the block
+    `make_loader` reads for it). Every device's shard must lie in that block: the mesh is laid out with
+    each process's devices contiguous along the batch axes, as `make_mesh` does with jax.devices()."""
+    b, L = local_bxL.shape
+    B = b * jax.process_count()
+
+    def shard(index):
+        rows = index[0]
+        start, stop = rows.start or 0, B if rows.stop is None else rows.stop
+        if start < row_start or stop > row_start + b:
+            raise ValueError(f"device shard rows {start}:{stop} are outside process {jax.process_index()}'s "
+                             f"batch rows {row_start}:{row_start + b}: each process's devices must hold a contiguous "
+                             f"block of the batch axes (mesh.tensor may not span processes)")
+        return local_bxL[start - row_start:stop - row_start]
+
+    return jax.make_array_from_callback((B, L), sharding, shard)
+
+
+def replicate(value, mesh: Mesh) -> jax.Array:
+    """A host value (the same on every process) as a global array replicated over the mesh: checkpoints
+    of a multi-process run can only hold global arrays."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
