@@ -9,8 +9,10 @@ counterpart.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import pathlib
+import typing
 import warnings
 from typing import Any
 
@@ -29,6 +31,37 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A config field has a bad value. The message names the field, the value and what is allowed."""
+
+
+def typed_fields(cls, values: dict[str, Any], section: str, ignored: frozenset = frozenset()) -> dict[str, Any]:
+    """The fields of dataclass `cls` from `values`, numbers converted to the declared type: YAML 1.1 reads
+    `1e-3` as a string, and `lr: 1` as an int. An unknown key is an error naming its close matches
+    (keys in `ignored` are dropped silently); a value of the wrong kind names the field."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key in ignored:
+            continue
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; allowed: {sorted(hints)}"
+            raise ConfigError(f"unknown config field {section}.{key}{hint}")
+        kind = hints[key]
+        try:
+            if kind is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+                value = float(value)
+            elif kind is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+                number = float(value)
+                value = int(number) if number.is_integer() else value  # 1e2 is 100; 2.5 stays wrong
+        except ValueError:
+            raise ConfigError(f"config field {section}.{key}={value!r} is invalid: must be a number "
+                              f"({kind.__name__})") from None
+        wrong = ((kind is float and not isinstance(value, float)) or (kind is bool and not isinstance(value, bool))
+                 or (kind is int and (not isinstance(value, int) or isinstance(value, bool))))
+        if wrong:
+            raise ConfigError(f"config field {section}.{key}={value!r} is invalid: must be {kind.__name__}")
+        out[key] = value
+    return out
 
 
 class HFConfigIO:

@@ -108,7 +108,7 @@ def test_checkpoint_written_on_8_devices_restores_on_one(tmp_path):
     ckpt.save(7, state8, cfg.to_dict(), rng)
     ckpt.wait()
     _, _, state1 = init_state(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-    step, restored = ckpt.restore_latest(state1, rng)
+    step, restored = ckpt.restore_latest(state1, rng, cfg.to_dict())
     assert step == 7
     assert json.loads((tmp_path / "ckpt" / "7" / "data" / "metadata").read_text()) == {"next_step": 7}
     for x, y in zip(leaves(state8["params"]), leaves(restored["params"])):

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from hsa_jax.config import ConfigError
+from hsa_jax.config import ConfigError, typed_fields
 from hsa_jax.registry import family
 
 DATA_MODES = ("random", "across_docs", "sequential")
@@ -69,6 +69,7 @@ class RunConfig:
     seed: int = 0
     nan_policy: str = "skip"
     remat: str = "none"
+    collective_overlap: bool = True  # GPU: XLA flags that overlap FSDP/data-parallel collectives (train/xla_flags.py)
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "run": RunConfig}
@@ -100,6 +101,7 @@ class TrainConfig:
                      "a positive integer")
         _require(r.nan_policy in NAN_POLICIES, "run.nan_policy", r.nan_policy, f"one of {NAN_POLICIES}")
         _require(r.remat in REMAT_POLICIES, "run.remat", r.remat, f"one of {REMAT_POLICIES}")
+        _require(isinstance(r.collective_overlap, bool), "run.collective_overlap", r.collective_overlap, "true or false")
         for name in ("data", "fsdp", "tensor"):
             v = getattr(m, name)
             _require(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{name}", v, "a positive integer or -1")
@@ -124,13 +126,15 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(values) - fields)
-        if bad:
-            raise ConfigError(f"unknown fields {bad} in section '{name}'; allowed: {sorted(fields)}")
-        sections[name] = cls(**values)
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping of fields, got {values!r}")
+        sections[name] = cls(**typed_fields(cls, values, name))
     model_type = raw.get("model_type", "swa_hsa")
-    model = family(model_type).config_cls.from_dict(raw["model"])
+    model_cls = family(model_type).config_cls
+    if not isinstance(raw["model"], dict):
+        raise ConfigError(f"config section 'model' must be a mapping of fields, got {raw['model']!r}")
+    # A run config names model fields on purpose: a misspelt one is an error, not a warning.
+    model = model_cls.from_dict(typed_fields(model_cls, raw["model"], "model", model_cls.IGNORED_FIELDS))
     return TrainConfig(model=model, model_type=model_type, **sections)
 
 

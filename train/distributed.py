@@ -145,3 +145,10 @@ def preemption_reached(step: int) -> bool:
         return False
     from jax.experimental import multihost_utils
     return multihost_utils.reached_preemption_sync_point(step)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

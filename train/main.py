@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from data_pipeline import DataPipelineError
 from hsa_jax.config import ConfigError
 from hsa_jax.registry import family
 from train import distributed
@@ -33,6 +34,8 @@ from train.config import TrainConfig, load_config
 from train.flops import peak_flops_per_device, train_flops_per_token
 from train.sharding import batch_sharding, global_batch, make_mesh, param_shardings, replicate, replicated
 from train.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
+from train.workdir import Workdir, stamp
+from train.xla_flags import add_overlap_flags
 
 BUNDLED_CACHE = pathlib.Path(os.environ.get("HSA_DATA_CACHE", pathlib.Path.home() / ".cache" / "hsa-jax")) / "bundled"
 
@@ -61,14 +64,21 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step) and TensorBoard event files under workdir, written by
     process 0 only (`enabled=False` on the others)."""
 
-    def __init__(self, workdir: pathlib.Path, resumed_step: int, enabled: bool = True):
+    def __init__(self, workdir: pathlib.Path, resumed_step: int, enabled: bool = True, log=print):
         self.enabled = enabled
         if not enabled:
             return
         self.path = workdir / "metrics.jsonl"
-        if self.path.exists():  # drop entries past the checkpoint we resume from: they will be redone
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+        if self.path.exists():  # entries past the checkpoint we resume from will be redone: set them aside
+            lines = [l for l in self.path.read_text().splitlines() if l.strip()]
+            later = [l for l in lines if json.loads(l)["step"] > resumed_step]
+            if later:
+                aside = workdir / f"metrics.redone-{stamp()}.jsonl"
+                aside.write_text("".join(l + "\n" for l in later))
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= resumed_step))
+                os.replace(tmp, self.path)
+                log(f"metrics past step {resumed_step} ({len(later)} lines) will be redone; kept in {aside.name}")
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -109,22 +119,27 @@ def evaluate(eval_step, params, cfg: TrainConfig, index, mesh, batches: int) -> 
 
 def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     """Runs (or resumes) training; returns a summary {first_loss, last_loss, eval_loss, steps_run, ...}.
-    In a multi-process run every process calls this (after `distributed.initialize`) with the same cfg."""
-    from data_pipeline import make_loader, read_manifest
+    In a multi-process run every process calls this (after `distributed.initialize`) with the same cfg.
+    resume=False starts over, moving an existing run's files aside (train/workdir.py)."""
+    workdir = Workdir(cfg.run.workdir, primary=distributed.is_primary())
+    try:
+        workdir.open(cfg.to_dict(), resume, log)
+        distributed.barrier("workdir-open")  # nobody reads the workdir while process 0 moves files
+        return _run(cfg, workdir, log)
+    finally:
+        workdir.close()
 
-    primary = distributed.is_primary()
-    workdir = pathlib.Path(cfg.run.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
+    from data_pipeline import check_vocab, make_loader, read_manifest
+
+    primary = workdir.primary
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     index = resolve_index(cfg.data.index)
     eval_index = resolve_index(cfg.data.eval_index) if cfg.data.eval_index else index
     manifest = read_manifest(index)
-    vocab = manifest["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"config field model.vocab_size={cfg.model.vocab_size} is invalid: the token index "
-                          f"{index} has vocab_size {vocab}; the model needs at least that")
+    for path in {index, eval_index}:  # every token id must have an embedding row
+        check_vocab(path, cfg.model.vocab_size)
 
     graphdef, tx, state = init_state(cfg, mesh)
     rng_data = replicate(jax.random.key_data(jax.random.key(cfg.run.seed)), mesh)
@@ -132,9 +147,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     if cfg.data.mode == "sequential" and cfg.run.steps > epoch_steps:
         log(f"data: {index} holds {epoch_steps} sequential batches; steps beyond them start a new epoch "
             f"(run.steps={cfg.run.steps} = {cfg.run.steps / epoch_steps:.2f} epochs)")
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.run.keep_checkpoints)
+    ckpt = Checkpointer(workdir.path / "checkpoints", cfg.run.keep_checkpoints)
     start = 0
-    restored = ckpt.restore_latest(state, rng_data, log=log) if resume else None
+    restored = ckpt.restore_latest(state, rng_data, cfg.to_dict(), log=log)
     if restored is not None:
         start, state = restored
         log(f"resumed from {ckpt.directory / str(start)} (step {start})")
@@ -142,7 +157,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
     batches = iter(make_loader(index, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size,
                                mode=cfg.data.mode, seed=cfg.run.seed, worker_count=cfg.data.worker_count,
                                repeat=True, start_step=start))
-    metrics = MetricsLog(workdir, start, enabled=primary)
+    workdir.start(cfg.to_dict())
+    metrics = MetricsLog(workdir.path, start, enabled=primary, log=log)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(graphdef, tx, cfg, mesh), donate_argnums=0,
@@ -174,6 +190,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, log=print) -> dict:
             if step == start + 1:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(state)
                 summary["compile_s"] = time.perf_counter() - window_start
+                metrics.write({"step": step, "first_step_s": summary["compile_s"]})  # compile + one step
+                log(f"first step (compilation included) took {summary['compile_s']:.1f} s")
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.run.nan_policy == "stop" and not bool(m["finite"]):
                 raise FloatingPointError(f"non-finite loss or gradient at step {step} (run.nan_policy=stop); "
@@ -223,8 +241,9 @@ def parse_args(argv=None):
     p.add_argument("--config", type=pathlib.Path, default=None,
                    help="YAML run config (default: the embedded tiny CPU config, configs/tiny.yaml)")
     p.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto (default): continue from the workdir's latest checkpoint if there is one; "
-                        "never: start from scratch (existing checkpoints of later steps are overwritten)")
+                   help="auto (default): continue from the workdir's latest readable checkpoint (the workdir's "
+                        "model must match the config); never: start over, moving the previous run's "
+                        "checkpoints, metrics and config into WORKDIR/replaced-<time>/")
     c = p.add_argument_group("multi-process launch", "one hsa-train process per host (or per GPU); without these "
                              "flags JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are read, then "
                              "a SLURM or Open MPI job is detected; otherwise the run is one process")
@@ -250,6 +269,8 @@ def main(argv=None) -> int:
         # Config errors first (no waiting for a cluster to say them); nothing here touches a backend.
         cfg = load_config(args.config, args.overrides)
         launch = distributed.resolve(args.coordinator, args.num_processes, args.process_id, args.local_devices)
+        if cfg.run.collective_overlap:
+            add_overlap_flags()
         distributed.initialize(launch, args.init_timeout, log=say)
         primary = distributed.is_primary()
         log = say if primary else (lambda msg: None)
@@ -257,7 +278,7 @@ def main(argv=None) -> int:
         log(f"workdir {pathlib.Path(cfg.run.workdir).absolute()}, {where}{jax.device_count()} "
             f"{jax.default_backend()} device(s), mesh {cfg.mesh}")
         s = train(cfg, resume=args.resume == "auto", log=log)
-    except (ConfigError, FloatingPointError) as e:
+    except (ConfigError, DataPipelineError, FloatingPointError) as e:
         print(f"hsa-train: error: {e}", file=sys.stderr)
         return 2
     if not primary:
