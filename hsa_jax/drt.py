@@ -27,7 +27,7 @@ from hsa_jax.decode import CacheCapacityError, check_prefill_args
 from hsa_jax.drt_config import ENCODER_NORM_EPS, ENCODER_ROPE_THETA, DRTConfig
 from hsa_jax.drt_layers import DRTAttention, GroupCrossAttention, UpperDecoderLayer, gather_chunks, select_chunks
 from hsa_jax.interop import CheckpointMismatchError, export_state_dict, load_state_dict
-from hsa_jax.layers import Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin
+from hsa_jax.layers import Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks
 
 if TYPE_CHECKING:  # hsa_jax.compare imports this module
     from hsa_jax.compare import Report
@@ -103,7 +103,9 @@ class DRTForCausalLM(nnx.Module):
 
         train: Gumbel top-k chunk selection (the original's training mode), drawn from `rng`.
         remat: recompute each decoder layer in the backward pass. return_aux: also returns a dict of
-        intermediates named like the golden fixtures' `inter/*` arrays (see compare_drt)."""
+        intermediates named like the golden fixtures' `inter/*` arrays (see compare_drt). The lower
+        layers, and each group's upper layers, run as one jax.lax.scan (layers.scan_blocks): compile
+        time does not grow with their number."""
         cfg, m = self.cfg, self.model
         N, L = input_ids_NxL.shape
         cfg.check_length(L)
@@ -121,8 +123,9 @@ class DRTForCausalLM(nnx.Module):
         h = jnp.where((x_NxT == cfg.pad_id)[..., None], jax.lax.stop_gradient(h), h)
         window = cfg.window if cfg.window is not None else T
 
-        for layer in m.lower_layers:
-            h = checkpoint(lambda lyr, h: lyr(h, None, None, window))(layer, h)
+        if len(m.lower_layers):  # identical blocks: one scan, whatever their number
+            lower = lambda layer, h: (layer(h, None, None, window), None)
+            h, _ = scan_blocks(list(m.lower_layers), h, lower, remat=remat, collect=False)
         aux = {"lower_out": h}
 
         # Chunk encoder, once, on the lower-layer output (landmark included).
@@ -148,11 +151,10 @@ class DRTForCausalLM(nnx.Module):
                           w[:, :-1].reshape(N * (C - 1), -1))
                 aux["retrieval"].append({"query": q_NxCxD, "keys": lmk_NxCxD, "indices": idx, "weights": w,
                                          "scores": scores})
-            outs = []
-            for layer in layers:
-                h, gca_out = checkpoint(lambda lyr, h, mem: lyr(h, window, P, mem, cfg.gca_impl))(layer, h, memory)
-                outs.append(gca_out)
-            aux["gca_out"].append(outs)
+            # The group's layers are identical blocks: one scan. Each returns (h', its GCA output).
+            upper = lambda layer, h: layer(h, window, P, memory, cfg.gca_impl)
+            h, gca_outs = scan_blocks(list(layers), h, upper, remat=remat, collect=return_aux)  # (layers, N, T, D)
+            aux["gca_out"].append(list(gca_outs) if return_aux else None)
 
         h = m.norm(h).reshape(N, C, P, D)
         logits = m.embed_tokens.attend(h[:, :, :S].reshape(N, L, D)).astype(jnp.float32)

@@ -181,3 +181,32 @@ class TransformerBlock(nnx.Module):
             keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, z.shape)
             z = jnp.where(keep, z / (1.0 - self.dropout), 0).astype(z.dtype)
         return h + self.mlp(z)
+
+
+def scan_blocks(blocks, h, body, *, remat: bool, collect: bool):
+    """Runs h through `blocks` in order as ONE jax.lax.scan over their stacked parameters, so that the
+    program holds a single copy of the block and compile time does not grow with depth.
+
+    blocks: modules of one structure (a shared GraphDef; their parameter values differ). The parameter
+    tree is untouched: the stack is built from the per-block parameters inside the traced function
+    (a sharded parameter stays sharded, the new leading axis is not), and gradients flow back through
+    it to each block's own parameters.
+    body(block, h) -> (h', y): one block's step; y is what `collect` keeps.
+    remat: recompute each block in the backward pass instead of keeping its activations.
+    -> (h after the last block, every block's y stacked on a new leading axis if collect else None).
+    """
+    (graphdef, first), *rest = (nnx.split(block) for block in blocks)
+    if any(g != graphdef for g, _ in rest):
+        raise ValueError("scan_blocks needs blocks of one structure (identical GraphDefs)")
+
+    def step(h, state):
+        h, y = body(nnx.merge(graphdef, state), h)
+        return h, (y if collect else None)
+
+    if not rest:  # a single block needs no loop
+        h, y = (jax.checkpoint(step) if remat else step)(h, first)
+        return h, (jax.tree.map(lambda a: a[None], y) if collect else None)
+    # Inside a scan the recomputation cannot be CSE'd with the forward pass anyway (jax.checkpoint docs).
+    step = jax.checkpoint(step, prevent_cse=False) if remat else step
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), first, *(state for _, state in rest))
+    return jax.lax.scan(step, h, stacked)

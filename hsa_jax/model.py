@@ -9,6 +9,8 @@ then norm_f and the LM head. Attribute names mirror the original state_dict keys
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,7 +18,7 @@ from flax import nnx
 from hsa_jax.chunking import ChunkingLayer
 from hsa_jax.config import SWAHSAConfig
 from hsa_jax.hsa_layer import HSALayer
-from hsa_jax.layers import Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin
+from hsa_jax.layers import Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks
 from hsa_jax.retrieval import RetrievalLayer
 
 
@@ -54,6 +56,8 @@ class SWAHSAForCausalLM(nnx.Module):
         dict: "hidden_states" (the output of every backbone layer, then norm_f's), "chunking"
         (mem_k, mem_v, landmarks) and "retrieval" (per group: weights, indices). remat: recompute
         each SWA block and HSA layer in the backward pass instead of keeping its activations.
+        Consecutive SWA blocks run as one jax.lax.scan (layers.scan_blocks): compile time does not
+        grow with their number.
         """
         cfg = self.cfg
         N, T = input_ids_NxT.shape
@@ -70,19 +74,29 @@ class SWAHSAForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions_T[None], cfg.head_dim, cfg.rope_theta, dtype)
         hidden, captured, retrievals = [], {}, []
         checkpoint = nnx.remat if remat else (lambda f: f)
-        for i, layer in enumerate(self.backbone.layers):
-            if isinstance(layer, TransformerBlock):
-                h = checkpoint(lambda lyr, h: lyr(h, cos, sin, window=cfg.sliding_window))(layer, h)
-            elif isinstance(layer, ChunkingLayer):
-                mem_k, mem_v, lmk = layer(h, dropout_rng=layer_rng(i) if cfg.encoder_dropout else None)
-                captured["chunking"] = {"mem_k": mem_k, "mem_v": mem_v, "landmarks": lmk}
-            elif isinstance(layer, RetrievalLayer):
-                noise = layer_rng(i) if cfg.enable_gumbel_noise else None
-                weights, indices = layer(h, lmk, positions_T, noise_rng=noise)
-                retrievals.append({"chunk_weights": weights, "indices": indices})
-            else:
-                h = checkpoint(lambda lyr, h, *mem: lyr(h, *mem, cos, sin))(layer, h, mem_k, mem_v, weights, indices)
-            hidden.append(h)
+
+        def swa(block, h_NxTxD):  # -> (h', h'): the block's output is also what return_hidden collects
+            h_NxTxD = block(h_NxTxD, cos, sin, window=cfg.sliding_window)
+            return h_NxTxD, h_NxTxD
+
+        layers = enumerate(self.backbone.layers)
+        for is_swa, run in itertools.groupby(layers, key=lambda il: isinstance(il[1], TransformerBlock)):
+            if is_swa:  # consecutive SWA blocks: one scan, whatever their number
+                h, h_LxNxTxD = scan_blocks([layer for _, layer in run], h, swa, remat=remat, collect=return_hidden)
+                if return_hidden:
+                    hidden.extend(h_LxNxTxD)
+                continue
+            for i, layer in run:
+                if isinstance(layer, ChunkingLayer):
+                    mem_k, mem_v, lmk = layer(h, dropout_rng=layer_rng(i) if cfg.encoder_dropout else None)
+                    captured["chunking"] = {"mem_k": mem_k, "mem_v": mem_v, "landmarks": lmk}
+                elif isinstance(layer, RetrievalLayer):
+                    noise = layer_rng(i) if cfg.enable_gumbel_noise else None
+                    weights, indices = layer(h, lmk, positions_T, noise_rng=noise)
+                    retrievals.append({"chunk_weights": weights, "indices": indices})
+                else:
+                    h = checkpoint(lambda lyr, h, *mem: lyr(h, *mem, cos, sin))(layer, h, mem_k, mem_v, weights, indices)
+                hidden.append(h)
         h = self.backbone.norm_f(h)
         hidden.append(h)
         logits = (self.backbone.embeddings.attend(h) if self.lm_head is None else self.lm_head(h))
