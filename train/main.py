@@ -32,7 +32,7 @@ from train import distributed
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, load_config
 from train.flops import peak_flops_per_device, train_flops_per_token
-from train.sharding import batch_sharding, global_batch, make_mesh, param_shardings, replicate, replicated
+from train.sharding import batch_sharding, global_batch, make_mesh, param_shardings, place, replicate, replicated
 from train.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
 from train.workdir import Workdir, stamp
 from train.xla_flags import add_overlap_flags
@@ -45,13 +45,26 @@ def resolve_index(path: str) -> pathlib.Path:
     return ensure_bundled_corpus(BUNDLED_CACHE) if path == "bundled" else pathlib.Path(path)
 
 
-def init_state(cfg: TrainConfig, mesh):
-    """Parameters created directly in their shardings (never whole on one device), optimizer state."""
+def init_params(cfg: TrainConfig, mesh):
+    """-> (graphdef, parameters placed in their shardings). The model is built eagerly in host memory
+    (the CPU backend; the first local device where there is none) and each device then receives its
+    shard. Jitting the whole initialisation instead takes XLA's GPU compiler minutes (one module of
+    hundreds of threefry draws: 51 s for 125M, over 9 min for 370M on an H200), while eager creation
+    compiles one tiny program per distinct shape (370M: 7 s, 1.3B: 25 s on 2 CPU cores). Threefry
+    draws the same values either way."""
     model_cls = family(cfg.model_type).model_cls
-    make = lambda: nnx.state(model_cls(cfg.model, rngs=nnx.Rngs(cfg.run.seed)), nnx.Param)
-    abstract_model = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(cfg.run.seed)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    params = jax.jit(make, out_shardings=param_shardings(abstract_params, mesh))()
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        host = jax.local_devices()[0]
+    with jax.default_device(host):
+        graphdef, params = nnx.split(model_cls(cfg.model, rngs=nnx.Rngs(cfg.run.seed)), nnx.Param)
+    return graphdef, jax.tree.map(place, params, param_shardings(params, mesh))
+
+
+def init_state(cfg: TrainConfig, mesh):
+    """Parameters (never whole on one accelerator) and optimizer state, in their shardings."""
+    graphdef, params = init_params(cfg, mesh)
     tx = make_optimizer(cfg, params)
     state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": replicate(np.int32(0), mesh)}
     # One sharding per leaf, so the step's inputs and outputs agree and it compiles once.

@@ -82,8 +82,13 @@ def global_batch(local_bxL: np.ndarray, sharding: NamedSharding, row_start: int)
     return jax.make_array_from_callback((B, L), sharding, shard)
 
 
+def place(value, sharding: NamedSharding) -> jax.Array:
+    """A value every process holds whole (host or local-device memory) as the global array `sharding`
+    describes: each addressable device receives its slice (checkpoints of a multi-process run can only
+    hold global arrays)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def replicate(value, mesh: Mesh) -> jax.Array:
-    """A host value (the same on every process) as a global array replicated over the mesh: checkpoints
-    of a multi-process run can only hold global arrays."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
+    """A host value (the same on every process) replicated over the mesh."""
+    return place(np.asarray(value), replicated(mesh))
