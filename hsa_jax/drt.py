@@ -98,14 +98,14 @@ class DRTForCausalLM(nnx.Module):
         self.model = DRT(cfg, rngs, jnp.dtype(cfg.param_dtype))
 
     def __call__(self, input_ids_NxL, *, train: bool = False, rng=None, remat: bool = False,
-                 return_aux: bool = False):
+                 return_aux: bool = False, scan_layers: bool = True):
         """Batch forward over whole chunks (L % S == 0). -> logits (N, L, V) fp32 at the real tokens.
 
         train: Gumbel top-k chunk selection (the original's training mode), drawn from `rng`.
         remat: recompute each decoder layer in the backward pass. return_aux: also returns a dict of
         intermediates named like the golden fixtures' `inter/*` arrays (see compare_drt). The lower
         layers, and each group's upper layers, run as one jax.lax.scan (layers.scan_blocks): compile
-        time does not grow with their number."""
+        time does not grow with their number (scan_layers=False unrolls them)."""
         cfg, m = self.cfg, self.model
         N, L = input_ids_NxL.shape
         cfg.check_length(L)
@@ -125,7 +125,7 @@ class DRTForCausalLM(nnx.Module):
 
         if len(m.lower_layers):  # identical blocks: one scan, whatever their number
             lower = lambda layer, h: (layer(h, None, None, window), None)
-            h, _ = scan_blocks(list(m.lower_layers), h, lower, remat=remat, collect=False)
+            h, _ = scan_blocks(list(m.lower_layers), h, lower, scan=scan_layers, remat=remat, collect=False)
         aux = {"lower_out": h}
 
         # Chunk encoder, once, on the lower-layer output (landmark included).
@@ -153,7 +153,7 @@ class DRTForCausalLM(nnx.Module):
                                          "scores": scores})
             # The group's layers are identical blocks: one scan. Each returns (h', its GCA output).
             upper = lambda layer, h: layer(h, window, P, memory, cfg.gca_impl)
-            h, gca_outs = scan_blocks(list(layers), h, upper, remat=remat, collect=return_aux)  # (layers, N, T, D)
+            h, gca_outs = scan_blocks(list(layers), h, upper, scan=scan_layers, remat=remat, collect=return_aux)  # (layers, N, T, D)
             aux["gca_out"].append(list(gca_outs) if return_aux else None)
 
         h = m.norm(h).reshape(N, C, P, D)

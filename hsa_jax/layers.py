@@ -183,9 +183,9 @@ class TransformerBlock(nnx.Module):
         return h + self.mlp(z)
 
 
-def scan_blocks(blocks, h, body, *, remat: bool, collect: bool):
-    """Runs h through `blocks` in order as ONE jax.lax.scan over their stacked parameters, so that the
-    program holds a single copy of the block and compile time does not grow with depth.
+def scan_blocks(blocks, h, body, *, remat: bool, collect: bool, scan: bool = True):
+    """Runs h through `blocks` in order, by default as ONE jax.lax.scan over their stacked parameters,
+    so that the program holds a single copy of the block and compile time does not grow with depth.
 
     blocks: modules of one structure (a shared GraphDef; their parameter values differ). The parameter
     tree is untouched: the stack is built from the per-block parameters inside the traced function
@@ -193,20 +193,27 @@ def scan_blocks(blocks, h, body, *, remat: bool, collect: bool):
     it to each block's own parameters.
     body(block, h) -> (h', y): one block's step; y is what `collect` keeps.
     remat: recompute each block in the backward pass instead of keeping its activations.
+    scan=False: the same steps unrolled (one program copy per block: compile time grows with depth,
+    but XLA may schedule across blocks; MaxText's scan_layers=False).
     -> (h after the last block, every block's y stacked on a new leading axis if collect else None).
     """
     (graphdef, first), *rest = (nnx.split(block) for block in blocks)
     if any(g != graphdef for g, _ in rest):
         raise ValueError("scan_blocks needs blocks of one structure (identical GraphDefs)")
+    states = [first, *(state for _, state in rest)]
 
     def step(h, state):
         h, y = body(nnx.merge(graphdef, state), h)
         return h, (y if collect else None)
 
-    if not rest:  # a single block needs no loop
-        h, y = (jax.checkpoint(step) if remat else step)(h, first)
-        return h, (jax.tree.map(lambda a: a[None], y) if collect else None)
+    if not scan or len(states) == 1:
+        step = jax.checkpoint(step) if remat else step
+        ys = []
+        for state in states:
+            h, y = step(h, state)
+            ys.append(y)
+        return h, (jax.tree.map(lambda *y: jnp.stack(y), *ys) if collect else None)
     # Inside a scan the recomputation cannot be CSE'd with the forward pass anyway (jax.checkpoint docs).
     step = jax.checkpoint(step, prevent_cse=False) if remat else step
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), first, *(state for _, state in rest))
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
     return jax.lax.scan(step, h, stacked)

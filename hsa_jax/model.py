@@ -48,7 +48,7 @@ class SWAHSAForCausalLM(nnx.Module):
             dtype=param_dtype)
 
     def __call__(self, input_ids_NxT, *, train: bool = False, rng=None, return_hidden: bool = False,
-                 remat: bool = False):
+                 remat: bool = False, scan_layers: bool = True):
         """Training-mode forward over whole chunks (T % chunk_size == 0). -> logits (N, T, V) fp32.
 
         train: enables the stochastic parts the config asks for (Gumbel retrieval noise, encoder
@@ -57,7 +57,7 @@ class SWAHSAForCausalLM(nnx.Module):
         (mem_k, mem_v, landmarks) and "retrieval" (per group: weights, indices). remat: recompute
         each SWA block and HSA layer in the backward pass instead of keeping its activations.
         Consecutive SWA blocks run as one jax.lax.scan (layers.scan_blocks): compile time does not
-        grow with their number.
+        grow with their number (scan_layers=False unrolls them).
         """
         cfg = self.cfg
         N, T = input_ids_NxT.shape
@@ -82,7 +82,7 @@ class SWAHSAForCausalLM(nnx.Module):
         layers = enumerate(self.backbone.layers)
         for is_swa, run in itertools.groupby(layers, key=lambda il: isinstance(il[1], TransformerBlock)):
             if is_swa:  # consecutive SWA blocks: one scan, whatever their number
-                h, h_LxNxTxD = scan_blocks([layer for _, layer in run], h, swa, remat=remat, collect=return_hidden)
+                h, h_LxNxTxD = scan_blocks([layer for _, layer in run], h, swa, scan=scan_layers, remat=remat, collect=return_hidden)
                 if return_hidden:
                     hidden.extend(h_LxNxTxD)
                 continue

@@ -2,7 +2,7 @@
 
 A family's config class has `from_dict`, `to_dict`, `chunk_size`, `vocab_size` and `check_length(T)`;
 its model class is built as `Model(cfg, rngs=...)` and called as `model(ids (N, T), train=, rng=,
-remat=)` -> logits (N, T, V) fp32 aligned with the input tokens.
+remat=, scan_layers=)` -> logits (N, T, V) fp32 aligned with the input tokens.
 """
 
 from __future__ import annotations

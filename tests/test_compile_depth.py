@@ -83,10 +83,12 @@ def test_swa_hsa_remat_gradients_equal_and_reach_every_layer():
     cfg = SWAHSAConfig(**TINY, num_lower_layers=3, num_upper_layers=2, num_upper_groups=2)
     graphdef, params = nnx.split(SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(0)))
     ids = random_ids(2, 2 * cfg.chunk_size + 1, cfg.vocab_size)
-    (loss0, g0), (loss1, g1) = (jax.jit(loss_and_grads_fn(graphdef, remat=r))(params, ids) for r in (False, True))
-    assert abs(float(loss0) - float(loss1)) < 1e-6
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    (loss0, g0), *others = (jax.jit(loss_and_grads_fn(graphdef, remat=r, scan_layers=s))(params, ids)
+                            for r, s in ((False, True), (True, True), (False, False), (True, False)))
+    for loss1, g1 in others:  # remat and unrolled layers (scan_layers=False) compute the same gradients
+        assert abs(float(loss0) - float(loss1)) < 1e-6
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     per_layer = swa_layer_grads(g0, cfg)
     assert len(per_layer) == 5
     assert_distinct_nonzero(per_layer)
@@ -114,9 +116,11 @@ def test_drt_remat_gradients_equal_and_reach_every_layer():
                     pad_id=59, slide_window=40, initializer_range=0.2, gca_impl="xla")
     graphdef, params = nnx.split(DRTForCausalLM(cfg, rngs=nnx.Rngs(0)))
     ids = random_ids(1, 3 * cfg.enc_chunk_size + 1, 58)
-    (_, g0), (_, g1) = (jax.jit(loss_and_grads_fn(graphdef, remat=r))(params, ids) for r in (False, True))
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    (_, g0), *others = (jax.jit(loss_and_grads_fn(graphdef, remat=r, scan_layers=s))(params, ids)
+                        for r, s in ((False, True), (True, True), (False, False)))
+    for _, g1 in others:
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     m = g0["model"]
     assert_distinct_nonzero([m["lower_layers"][i]["mlp"]["up_proj"]["kernel"][...] for i in range(3)])
     assert_distinct_nonzero([m["upper_layers"][g][i]["gca"]["q_proj"]["kernel"][...] for g in range(2) for i in range(2)])

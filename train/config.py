@@ -69,6 +69,7 @@ class RunConfig:
     seed: int = 0
     nan_policy: str = "skip"
     remat: str = "none"
+    scan_layers: bool = True  # identical consecutive layers as one scan: compile time independent of depth
     collective_overlap: bool = True  # GPU: XLA flags that overlap FSDP/data-parallel collectives (train/xla_flags.py)
 
 

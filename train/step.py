@@ -71,7 +71,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
     def nll_sum(params, ids, rng, total_valid):
         model = nnx.merge(graphdef, params)
         with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
-            logits = model(ids[:, :-1], train=True, rng=rng, remat=remat)
+            logits = model(ids[:, :-1], train=True, rng=rng, remat=remat, scan_layers=cfg.run.scan_layers)
         nll, _ = token_nll(logits, ids[:, 1:])
         return jnp.sum(nll) / total_valid
 
