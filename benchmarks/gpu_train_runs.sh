@@ -6,6 +6,7 @@
 #   procs      125M: 2 processes x 1 GPU (NCCL), SIGTERM to process 1, resume on 1 process x 1 GPU
 #   scale370   370M: 1 GPU (remat none and layer), FSDP=2
 #   scale1b    ~1.3B: 1 GPU
+#   onegpu     what needs one GPU only: 125M, 370M (remat layer and none) and ~1.3B, short runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -25,7 +26,7 @@ table() { python3 benchmarks/train_table.py "$@" --from-step 10; }
 for stage in "$@"; do
   case $stage in
   scale125)
-    C=(--config configs/swa_hsa_125m.yaml steps=60)
+    C=(--config configs/swa_hsa_125m.yaml steps=40)
     CUDA_VISIBLE_DEVICES=0 train r125_1gpu 300 "${C[@]}"
     train r125_fsdp2_nooverlap 300 "${C[@]}" global_batch_size=16 mesh.data=1 mesh.fsdp=2 run.collective_overlap=false
     train r125_fsdp2 300 "${C[@]}" global_batch_size=16 mesh.data=1 mesh.fsdp=2
@@ -34,7 +35,7 @@ for stage in "$@"; do
     ;;
   procs)
     W=$RUNS/r125_2proc
-    A=(--config configs/swa_hsa_125m.yaml steps=60 global_batch_size=16 mesh.data=2 mesh.fsdp=1 "${COMMON[@]}"
+    A=(--config configs/swa_hsa_125m.yaml steps=50 global_batch_size=16 mesh.data=2 mesh.fsdp=1 "${COMMON[@]}"
        workdir="$W")
     echo "+ 2 processes x 1 GPU: hsa-train --coordinator localhost:9476 --num-processes 2 --process-id I --local-devices I ${A[*]}"
     for i in 0 1; do
@@ -42,8 +43,8 @@ for stage in "$@"; do
         --local-devices $i "${A[@]}" > "$RUNS/proc$i.log" 2>&1 &
       pids[$i]=$!
     done
-    until grep -q '"step": 40,' "$W/metrics.jsonl" 2>/dev/null || ! kill -0 "${pids[0]}" 2>/dev/null; do sleep 0.5; done
-    kill -TERM "${pids[1]}"; echo "+ SIGTERM to process 1 (pid ${pids[1]}) after step 40 was logged"
+    until grep -q '"step": 30,' "$W/metrics.jsonl" 2>/dev/null || ! kill -0 "${pids[0]}" 2>/dev/null; do sleep 0.5; done
+    kill -TERM "${pids[1]}"; echo "+ SIGTERM to process 1 (pid ${pids[1]}) after step 30 was logged"
     wait "${pids[0]}"; echo "process 0 exit $?"; wait "${pids[1]}"; echo "process 1 exit $?"
     grep -h -e 'SIGTERM' -e 'steps ' -e 'error' -e 'preemption' "$RUNS"/proc*.log | grep -v '^W[0-9]'
     ls "$W/checkpoints"
@@ -64,6 +65,16 @@ for stage in "$@"; do
     C=(--config configs/swa_hsa_1b.yaml steps=30 seq_len=8192 global_batch_size=8 optim.grad_accum=1)
     CUDA_VISIBLE_DEVICES=0 train r1b_1gpu 500 "${C[@]}"
     table "$RUNS"/r1b_1gpu
+    ;;
+  onegpu)
+    export CUDA_VISIBLE_DEVICES=0
+    train r125_1gpu 110 --config configs/swa_hsa_125m.yaml steps=30
+    C=(seq_len=8192 global_batch_size=8 optim.grad_accum=1 steps=30)
+    train r370_1gpu_remat 150 --config configs/swa_hsa_370m_pile.yaml "${C[@]}" run.remat=layer
+    train r1b_1gpu 170 --config configs/swa_hsa_1b.yaml "${C[@]}" steps=20 run.remat=layer
+    train r370_1gpu 100 --config configs/swa_hsa_370m_pile.yaml "${C[@]}" run.remat=none
+    table "$RUNS"/r125_1gpu "$RUNS"/r370_1gpu_remat "$RUNS"/r370_1gpu "$RUNS"/r1b_1gpu
+    unset CUDA_VISIBLE_DEVICES
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
