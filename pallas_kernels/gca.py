@@ -23,8 +23,6 @@ row is written), any Lk and head dim, fp32 as well as bf16.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +30,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.hsa import LOG2E, _compiler_params, _dot, _load_rows, _store_rows, resolve_impl
+from pallas_kernels.common import (IMPLS, KernelDims, block_rows, chunk_dkv, chunk_dq, chunk_forward,
+                                   default_scale, flat_rows, kernel_call, load_rows, logits2, padded,
+                                   resolve_impl, store_rows)
 from pallas_kernels.reference import check_gca_args, gca_attention_reference
+
+__all__ = ["IMPLS", "GCAParams", "gca_attention", "gca_attention_pallas", "make_dims"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,34 +50,22 @@ class GCAParams:
     dkv_stages: int = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dims:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Dims(KernelDims):
+    """Static shapes and derived tiling of one call (params: GCAParams)."""
     B: int
-    HQ: int
-    H: int
     Lq: int
     K: int
     Lk: int
-    D: int
-    scale: float
-    itemsize: int
-    params: GCAParams
-    interpret: bool
 
     @property
-    def G(self): return self.HQ // self.H
-
-    @property
-    def BM(self): return max(16, min(self.params.block_q, pl.next_power_of_2(self.Lq)))
+    def BM(self): return block_rows(self.Lq, self.params.block_q)  # query rows per tile
 
     @property
     def NT(self): return pl.cdiv(self.Lq, self.BM)  # query tiles per head
 
     @property
-    def Lkp(self): return max(16, pl.next_power_of_2(self.Lk))
-
-    @property
-    def Dp(self): return max(16, pl.next_power_of_2(self.D))
+    def Lkp(self): return padded(self.Lk)  # keys per chunk, padded
 
 
 # Flat layouts: q/o/dO/dq rows ((b*HQ + h)*Lq + i); k/v rows (((b*H + e)*K + k)*Lk + j);
@@ -101,61 +91,50 @@ def _lse_pos(dims: _Dims, bh, kk, i_BM):
 
 def _chunk(dims: _Dims, k_ref, v_ref, bek):
     """Keys and values of retrieved chunk bek = (b*H + e)*K + k, (Lkp, Dp) with padding rows 0; the
-    row rows and their validity (None when Lk needs no padding)."""
+    chunk's k/v rows and their validity (None when Lk needs no padding)."""
     j = jnp.arange(dims.Lkp)
     ok = None if dims.Lkp == dims.Lk else j < dims.Lk
     rows = bek * dims.Lk + j
-    return _load_rows(k_ref, rows, dims, ok), _load_rows(v_ref, rows, dims, ok), rows, ok
+    return load_rows(k_ref, rows, dims, ok), load_rows(v_ref, rows, dims, ok), rows, ok
 
 
-def _logits2(dims: _Dims, q_MxDp, k_LkpxDp, kv_ok):
-    """Base-2 logits scale * log2(e) * q k^T (M, Lkp) fp32; padding keys get -inf."""
-    x = _dot(q_MxDp, k_LkpxDp, trans_b=True) * (dims.scale * LOG2E)
-    return x if kv_ok is None else jnp.where(kv_ok[None, :], x, -jnp.inf)
+def _q_program(dims: _Dims):
+    """This q-major program's batch row b, kv head e, flat head bh and query tile (i, q rows, in range)."""
+    bh, t = pl.program_id(0), pl.program_id(1)
+    b, h = _divmod(bh, dims.HQ)
+    return b, lax.div(h, jnp.int32(dims.G)), bh, _q_tile(dims, bh, t)
 
 
 def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims):
-    bh, t = pl.program_id(0), pl.program_id(1)
-    b, e = _divmod(bh, dims.HQ)
-    e = lax.div(e, jnp.int32(dims.G))
-    i_BM, qrow_BM, ok_BM = _q_tile(dims, bh, t)
-    q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
+    b, e, bh, (i_BM, qrow_BM, ok_BM) = _q_program(dims)
+    q_BMxDp = load_rows(q_ref, qrow_BM, dims, ok_BM)
 
     def one_chunk(kk, acc_BMxDp):
         k_LxDp, v_LxDp, _, kv_ok = _chunk(dims, k_ref, v_ref, (b * dims.H + e) * dims.K + kk)
-        x_BMxL = _logits2(dims, q_BMxDp, k_LxDp, kv_ok)
-        m_BM = jnp.max(x_BMxL, axis=1)
-        p_BMxL = jnp.exp2(x_BMxL - m_BM[:, None])
-        l_BM = jnp.sum(p_BMxL, axis=1)
-        plgpu.store(lse_ref.at[_lse_pos(dims, bh, kk, i_BM)], m_BM + jnp.log2(l_BM), mask=ok_BM)
-        pv_BMxDp = _dot(p_BMxL.astype(v_LxDp.dtype), v_LxDp)
-        return acc_BMxDp + pv_BMxDp * (w_ref[b * dims.K + kk] / l_BM)[:, None]
+        o_BMxDp, lse_BM = chunk_forward(logits2(q_BMxDp, k_LxDp, dims, kv_ok), v_LxDp, w_ref[b * dims.K + kk])
+        plgpu.store(lse_ref.at[_lse_pos(dims, bh, kk, i_BM)], lse_BM, mask=ok_BM)
+        return acc_BMxDp + o_BMxDp
 
     acc = lax.fori_loop(0, dims.K, one_chunk, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
-    _store_rows(o_ref, qrow_BM, acc, dims, ok_BM)
+    store_rows(o_ref, qrow_BM, acc, dims, ok_BM)
 
 
 def _dq_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_ref, *, dims: _Dims):
-    bh, t = pl.program_id(0), pl.program_id(1)
-    b, e = _divmod(bh, dims.HQ)
-    e = lax.div(e, jnp.int32(dims.G))
-    i_BM, qrow_BM, ok_BM = _q_tile(dims, bh, t)
-    q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
-    do_BMxDp = _load_rows(do_ref, qrow_BM, dims, ok_BM)
+    b, e, bh, (i_BM, qrow_BM, ok_BM) = _q_program(dims)
+    q_BMxDp = load_rows(q_ref, qrow_BM, dims, ok_BM)
+    do_BMxDp = load_rows(do_ref, qrow_BM, dims, ok_BM)
 
     def one_chunk(kk, dq_BMxDp):
         k_LxDp, v_LxDp, _, kv_ok = _chunk(dims, k_ref, v_ref, (b * dims.H + e) * dims.K + kk)
         pos_BM = _lse_pos(dims, bh, kk, i_BM)
         lse_BM = plgpu.load(lse_ref.at[pos_BM], mask=ok_BM, other=0.0)
-        p_BMxL = jnp.exp2(_logits2(dims, q_BMxDp, k_LxDp, kv_ok) - lse_BM[:, None])
-        dp_BMxL = _dot(do_BMxDp, v_LxDp, trans_b=True)
-        di_BM = jnp.sum(p_BMxL * dp_BMxL, axis=1)  # = dO . O_k
+        dq_part, di_BM = chunk_dq(logits2(q_BMxDp, k_LxDp, dims, kv_ok), lse_BM, do_BMxDp, k_LxDp, v_LxDp,
+                                  w_ref[b * dims.K + kk])
         plgpu.store(di_ref.at[pos_BM], di_BM, mask=ok_BM)
-        ds_BMxL = (w_ref[b * dims.K + kk] * p_BMxL) * (dp_BMxL - di_BM[:, None])
-        return dq_BMxDp + _dot(ds_BMxL.astype(k_LxDp.dtype), k_LxDp)
+        return dq_BMxDp + dq_part
 
     dq = lax.fori_loop(0, dims.K, one_chunk, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
-    _store_rows(dq_ref, qrow_BM, dq * dims.scale, dims, ok_BM)
+    store_rows(dq_ref, qrow_BM, dq * dims.scale, dims, ok_BM)
 
 
 def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *, dims: _Dims):
@@ -166,64 +145,56 @@ def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_
     k_LxDp, v_LxDp, kvrow_L, kv_ok = _chunk(dims, k_ref, v_ref, bek)
 
     def one_tile(n, carry):
-        dk_LxDp, dv_LxDp = carry
         g, t = _divmod(n, dims.NT)
         bh = b * dims.HQ + e * dims.G + g
         i_BM, qrow_BM, ok_BM = _q_tile(dims, bh, t)
-        q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
-        do_BMxDp = _load_rows(do_ref, qrow_BM, dims, ok_BM)
+        q_BMxDp = load_rows(q_ref, qrow_BM, dims, ok_BM)
+        do_BMxDp = load_rows(do_ref, qrow_BM, dims, ok_BM)
         pos_BM = _lse_pos(dims, bh, kk, i_BM)
         lse_BM = plgpu.load(lse_ref.at[pos_BM], mask=ok_BM, other=0.0)
         di_BM = plgpu.load(di_ref.at[pos_BM], mask=ok_BM, other=0.0)
-        p_BMxL = jnp.exp2(_logits2(dims, q_BMxDp, k_LxDp, kv_ok) - lse_BM[:, None])
-        wp_BMxL = jnp.where(ok_BM[:, None], w * p_BMxL, 0.0)  # rows past Lq contribute nothing
-        dv_LxDp += _dot(wp_BMxL.astype(do_BMxDp.dtype), do_BMxDp, trans_a=True)
-        ds_BMxL = wp_BMxL * (_dot(do_BMxDp, v_LxDp, trans_b=True) - di_BM[:, None])
-        dk_LxDp += _dot(ds_BMxL.astype(q_BMxDp.dtype), q_BMxDp, trans_a=True)
-        return dk_LxDp, dv_LxDp
+        w_BM = jnp.where(ok_BM, w, 0.0)  # rows past Lq contribute nothing
+        return chunk_dkv(*carry, logits2(q_BMxDp, k_LxDp, dims, kv_ok), lse_BM, di_BM, q_BMxDp, do_BMxDp,
+                         v_LxDp, w_BM)
 
     zeros = jnp.zeros((dims.Lkp, dims.Dp), jnp.float32)
     dk, dv = lax.fori_loop(0, dims.G * dims.NT, one_tile, (zeros, zeros))
-    _store_rows(dk_ref, kvrow_L, dk * dims.scale, dims, kv_ok)
-    _store_rows(dv_ref, kvrow_L, dv, dims, kv_ok)
+    store_rows(dk_ref, kvrow_L, dk * dims.scale, dims, kv_ok)
+    store_rows(dv_ref, kvrow_L, dv, dims, kv_ok)
 
 
 def _call(kernel, dims: _Dims, grid, out_shape, warps, stages, name):
-    tile = dims.BM * dims.Dp * dims.itemsize
-    chunk = dims.Lkp * dims.Dp * dims.itemsize
-    return pl.pallas_call(functools.partial(kernel, dims=dims), grid=grid, out_shape=out_shape,
-                          compiler_params=_compiler_params(warps, stages, 2 * tile, 2 * chunk),
-                          interpret=dims.interpret, name=name)
+    return kernel_call(kernel, dims, grid=grid, out_shape=out_shape, warps=warps, stages=stages,
+                       fixed_bytes=2 * dims.BM * dims.Dp * dims.itemsize,
+                       stage_bytes=2 * dims.Lkp * dims.Dp * dims.itemsize, name=name)
 
 
-def _rows(x):
-    return x.reshape(-1, x.shape[-1])
+def _lse_shapes(q, dims: _Dims):
+    """Output shapes of the q-major kernels: rows of q's shape and one fp32 per (row, chunk)."""
+    return (jax.ShapeDtypeStruct((dims.B * dims.HQ * dims.Lq, dims.D), q.dtype),
+            jax.ShapeDtypeStruct((dims.B * dims.HQ * dims.K * dims.Lq,), jnp.float32))
 
 
 def _forward(q, k, v, w, dims: _Dims):
     """-> o (B, HQ, Lq, D) in q's dtype, base-2 LSE (B*HQ*K*Lq,) fp32."""
     p = dims.params
-    out = (jax.ShapeDtypeStruct((dims.B * dims.HQ * dims.Lq, dims.D), q.dtype),
-           jax.ShapeDtypeStruct((dims.B * dims.HQ * dims.K * dims.Lq,), jnp.float32))
-    o, lse = _call(_fwd_kernel, dims, (dims.B * dims.HQ, dims.NT), out, p.fwd_warps, p.fwd_stages, "gca_fwd")(
-        w.ravel(), _rows(q), _rows(k), _rows(v))
+    o, lse = _call(_fwd_kernel, dims, (dims.B * dims.HQ, dims.NT), _lse_shapes(q, dims), p.fwd_warps,
+                   p.fwd_stages, "gca_fwd")(w.ravel(), flat_rows(q), flat_rows(k), flat_rows(v))
     return o.reshape(q.shape), lse
 
 
 def _backward(q, k, v, w, lse, do, dims: _Dims):
     p = dims.params
-    out = (jax.ShapeDtypeStruct((dims.B * dims.HQ * dims.Lq, dims.D), q.dtype),
-           jax.ShapeDtypeStruct((dims.B * dims.HQ * dims.K * dims.Lq,), jnp.float32))
-    dq, di = _call(_dq_kernel, dims, (dims.B * dims.HQ, dims.NT), out, p.dq_warps, p.dq_stages, "gca_dq")(
-        w.ravel(), _rows(q), _rows(k), _rows(v), _rows(do), lse)
+    dq, di = _call(_dq_kernel, dims, (dims.B * dims.HQ, dims.NT), _lse_shapes(q, dims), p.dq_warps,
+                   p.dq_stages, "gca_dq")(w.ravel(), flat_rows(q), flat_rows(k), flat_rows(v), flat_rows(do), lse)
     kv_rows = jax.ShapeDtypeStruct((dims.B * dims.H * dims.K * dims.Lk, dims.D), k.dtype)
     dk, dv = _call(_dkv_kernel, dims, (dims.B * dims.H * dims.K,), (kv_rows, kv_rows), p.dkv_warps,
-                   p.dkv_stages, "gca_dkdv")(w.ravel(), _rows(q), _rows(k), _rows(v), _rows(do), lse, di)
+                   p.dkv_stages, "gca_dkdv")(w.ravel(), flat_rows(q), flat_rows(k), flat_rows(v),
+                                             flat_rows(do), lse, di)
     dw = di.reshape(dims.B, dims.HQ, dims.K, dims.Lq).sum(axis=(1, 3))
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _gca_pallas(q, k, v, w, dims: _Dims):
     return _forward(q, k, v, w.astype(jnp.float32), dims)[0]
 
@@ -239,25 +210,35 @@ def _gca_pallas_bwd(dims: _Dims, res, do):
     return dq, dk, dv, dw.astype(w.dtype)
 
 
+_gca_pallas = jax.custom_vjp(_gca_pallas, nondiff_argnums=(4,))
 _gca_pallas.defvjp(_gca_pallas_fwd, _gca_pallas_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public op.
+
+def make_dims(q, k, *, scale: float | None = None, params: GCAParams = GCAParams(),
+              interpret: bool = False) -> _Dims:
+    """Static configuration of one Pallas call. q, k: arrays or anything with .shape / .dtype."""
+    B, HQ, Lq, D = q.shape
+    _, H, K, Lk, _ = k.shape
+    return _Dims(B=B, HQ=HQ, H=H, Lq=Lq, K=K, Lk=Lk, D=D, scale=default_scale(D, scale),
+                 itemsize=jnp.dtype(q.dtype).itemsize, params=params, interpret=interpret)
 
 
 def gca_attention_pallas(q, k, v, weights, *, scale: float | None = None, params: GCAParams = GCAParams(),
                          interpret: bool = False):
     """The Pallas op with explicit tuning knobs (benchmarks sweep them; models use gca_attention)."""
     check_gca_args(q, k, v, weights)
-    B, HQ, Lq, D = q.shape
-    _, H, K, Lk, _ = k.shape
-    dims = _Dims(B=B, HQ=HQ, H=H, Lq=Lq, K=K, Lk=Lk, D=D,
-                 scale=1.0 / math.sqrt(D) if scale is None else float(scale),
-                 itemsize=jnp.dtype(q.dtype).itemsize, params=params, interpret=interpret)
-    return _gca_pallas(q, k, v, weights, dims)
+    return _gca_pallas(q, k, v, weights, make_dims(q, k, scale=scale, params=params, interpret=interpret))
 
 
 def gca_attention(q, k, v, weights, *, scale: float | None = None, impl: str = "xla"):
     """Grouped cross attention over K retrieved chunks. q (B, HQ, Lq, D); k, v (B, H, K, Lk, D);
-    weights (B, K). Query head h reads kv head h // (HQ/H). Returns (B, HQ, Lq, D) in q's dtype."""
-    impl = resolve_impl(impl)
+    weights (B, K). Query head h reads kv head h // (HQ/H). Returns (B, HQ, Lq, D) in q's dtype.
+    `impl`: one of IMPLS (pallas_kernels.common). The op takes the chunks already gathered, so it has
+    no chunk ids to check: the caller's gather (hsa_jax's DRT layer) owns their range."""
+    impl = resolve_impl(impl, "gca_attention")
     if impl == "xla":
         return gca_attention_reference(q, k, v, weights, scale=scale)
     return gca_attention_pallas(q, k, v, weights, scale=scale, interpret=impl == "interpret")

@@ -1,10 +1,12 @@
 """HSA attention: the public op and its Pallas GPU kernels (Triton lowering).
 
-`hsa_attention` is the one entry point the models call. `impl` picks the backend:
+`hsa_attention` is the one entry point the models call. `impl` picks the backend (common.IMPLS):
   "xla"        the pure-jnp reference (pallas_kernels/reference.py), differentiable by jax.grad;
   "pallas"     the Pallas GPU kernels (Triton lowering) with a custom VJP;
   "interpret"  the same Pallas kernels in interpret mode (CPU tests);
   "auto"       "pallas" on GPU, "xla" elsewhere.
+Chunk ids outside [0, Lkv/S) contribute nothing (weight 0) on every backend; concrete ones raise
+ValueError (reference.py's module docstring, docs/kernels.md).
 
 Kernel design (notation of reference.py: R = Q*G query rows share one retrieval row (n, b, e); a
 "pair" is one (retrieval row, slot)). The Q*G rows of a retrieval row are packed into a tile of BM >= 16
@@ -25,8 +27,6 @@ rows (zero-padded up to BM), so any G or Q fills a matrix-unit tile.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,18 +34,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import check_hsa_args, hsa_attention_reference
+from pallas_kernels.common import (IMPLS, SMEM_BUDGET, KernelDims, block_rows, chunk_dkv, chunk_dq,
+                                   chunk_forward, default_scale, flat_rows, kernel_call,
+                                   load_rows, logits2, resolve_impl, store_rows)
+from pallas_kernels.reference import check_hsa_args, hsa_attention_reference, mask_out_of_range
 
-IMPLS = ("auto", "xla", "pallas", "interpret")
-LOG2E = math.log2(math.e)
-
-
-def resolve_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"hsa_attention: impl={impl!r} is not one of {IMPLS}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl
+__all__ = ["IMPLS", "KernelParams", "hsa_attention", "hsa_attention_pallas", "make_dims"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,26 +58,16 @@ class KernelParams:
     dkv_stages: int = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dims:
-    """Static shapes and derived tiling of one call."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Dims(KernelDims):
+    """Static shapes and derived tiling of one call (params: KernelParams)."""
     N: int
     L: int
-    HQ: int
-    D: int
     Lkv: int
-    H: int
     B: int
     K: int
     S: int
-    scale: float
     sm_n: float
-    itemsize: int  # bytes per element of q/k/v
-    params: KernelParams
-    interpret: bool
-
-    @property
-    def G(self): return self.HQ // self.H
 
     @property
     def Q(self): return self.L // self.B
@@ -95,38 +79,10 @@ class _Dims:
     def C(self): return self.Lkv // self.S
 
     @property
-    def BM(self):  # tile rows: a power of two >= 16 (matrix-unit minimum), capped
-        return min(max(16, pl.next_power_of_2(self.R)), self.params.max_tile_rows)
+    def BM(self): return block_rows(self.R, self.params.max_tile_rows)  # tile rows
 
     @property
     def NR(self): return pl.cdiv(self.R, self.BM)  # tiles per retrieval row
-
-    @property
-    def Dp(self): return max(16, pl.next_power_of_2(self.D))  # head dim padded for Triton shapes
-
-
-def _precision(dtype):
-    # Triton's default for an fp32 dot is TF32; fp32 inputs ask for IEEE fp32 products.
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    """a @ b (optionally transposed operands) with fp32 accumulation."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
-
-
-# Shared memory we plan tiles for: Hopper gives a block 227 KiB, and Triton adds scratch for layout
-# conversions on top of the pipelined tiles.
-SMEM_BUDGET = 160 * 1024
-
-
-def _compiler_params(warps, stages, fixed_bytes, stage_bytes):
-    """Triton params; the pipelining depth is cut while fixed + stages * stage_bytes of tiles would
-    overflow SMEM_BUDGET (large S * D, e.g. S=128 with D=256)."""
-    while stages > 1 and fixed_bytes + stages * stage_bytes > SMEM_BUDGET:
-        stages -= 1
-    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,46 +97,9 @@ def _tile_rows(dims: _Dims, r0):
     return r_BM, r_BM < dims.R, r_BM // dims.G, r_BM % dims.G
 
 
-def _row_mask(ok_M, dims: _Dims):
-    """(M, Dp) mask of rows ok_M (all rows if None) and of the real head_dim columns; None if all-true."""
-    col_ok = None if dims.Dp == dims.D else (jnp.arange(dims.Dp) < dims.D)[None, :]
-    row_ok = None if ok_M is None else ok_M[:, None]
-    if row_ok is None or col_ok is None:
-        return row_ok if col_ok is None else col_ok
-    return row_ok & col_ok
-
-
-def _at_rows(ref, row_M, dims: _Dims):
-    # Both axes as integer arrays: the form that both Triton lowering and interpret mode gather.
-    return ref.at[row_M[:, None], jnp.arange(dims.Dp)[None, :]]
-
-
-def _load_rows(ref, row_M, dims: _Dims, ok_M=None):
-    """Gathers rows (M, Dp) of a (rows, D) array; masked rows / padded columns read 0."""
-    mask = _row_mask(ok_M, dims)
-    if mask is None:
-        return _at_rows(ref, row_M, dims)[...]
-    mask = jnp.broadcast_to(mask, (row_M.shape[0], dims.Dp))
-    return plgpu.load(_at_rows(ref, row_M, dims), mask=mask, other=0)
-
-
-def _store_rows(ref, row_M, x_MxDp, dims: _Dims, ok_M=None):
-    mask = _row_mask(ok_M, dims)
-    if mask is None:
-        _at_rows(ref, row_M, dims)[...] = x_MxDp.astype(ref.dtype)
-    else:
-        mask = jnp.broadcast_to(mask, (row_M.shape[0], dims.Dp))
-        plgpu.store(_at_rows(ref, row_M, dims), x_MxDp.astype(ref.dtype), mask=mask)
-
-
 def _chunk_rows(dims: _Dims, n, e, c):
     """Rows of k/v holding chunk c of kv head e: (S,)."""
     return (n * dims.Lkv + c * dims.S + jnp.arange(dims.S)) * dims.H + e
-
-
-def _logits2(q_MxDp, k_SxDp, dims: _Dims):
-    """Base-2 logits: scale * log2(e) * q k^T, fp32 (M, S)."""
-    return _dot(q_MxDp, k_SxDp, trans_b=True) * (dims.scale * LOG2E)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,64 +137,52 @@ def _slot_loop(dims: _Dims, one_slot, init):
     return carry
 
 
+def _load_slot(dims: _Dims, idx_ref, w_ref, k_ref, v_ref, n, e, slot):
+    """Weight and the chunk's keys, values (S, Dp) of flat slot `slot` of weights/indices."""
+    kvrow_S = _chunk_rows(dims, n, e, idx_ref[slot])
+    return w_ref[slot], load_rows(k_ref, kvrow_S, dims), load_rows(v_ref, kvrow_S, dims)
+
+
 def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims):
     def body(n, e, ok_BM, qrow_BM, slot0, lseoff_BM):
-        q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
+        q_BMxDp = load_rows(q_ref, qrow_BM, dims, ok_BM)
 
         def one_slot(kk, acc_BMxDp):
-            c, w = idx_ref[slot0 + kk], w_ref[slot0 + kk]
-            kvrow_S = _chunk_rows(dims, n, e, c)
-            k_SxDp = _load_rows(k_ref, kvrow_S, dims)
-            v_SxDp = _load_rows(v_ref, kvrow_S, dims)
-            x_BMxS = _logits2(q_BMxDp, k_SxDp, dims)
-            m_BM = jnp.max(x_BMxS, axis=1)
-            if dims.sm_n:  # the implicit extra logit 0 takes part in the max
-                m_BM = jnp.maximum(m_BM, 0.0)
-            p_BMxS = jnp.exp2(x_BMxS - m_BM[:, None])
-            l_BM = jnp.sum(p_BMxS, axis=1)
-            if dims.sm_n:
-                l_BM += dims.sm_n * jnp.exp2(-m_BM)
-            o_BMxDp = _dot(p_BMxS.astype(v_SxDp.dtype), v_SxDp)
-            plgpu.store(lse_ref.at[lseoff_BM + kk * dims.R], m_BM + jnp.log2(l_BM), mask=ok_BM)
-            return acc_BMxDp + o_BMxDp * (w / l_BM)[:, None]
+            w, k_SxDp, v_SxDp = _load_slot(dims, idx_ref, w_ref, k_ref, v_ref, n, e, slot0 + kk)
+            o_BMxDp, lse_BM = chunk_forward(logits2(q_BMxDp, k_SxDp, dims), v_SxDp, w, dims.sm_n)
+            plgpu.store(lse_ref.at[lseoff_BM + kk * dims.R], lse_BM, mask=ok_BM)
+            return acc_BMxDp + o_BMxDp
 
         acc_BMxDp = _slot_loop(dims, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
-        _store_rows(o_ref, qrow_BM, acc_BMxDp, dims, ok_BM)
+        store_rows(o_ref, qrow_BM, acc_BMxDp, dims, ok_BM)
 
     _row_tile_loop(dims, body)
 
 
 def _dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dq_ref, di_ref, *, dims: _Dims):
     def body(n, e, ok_BM, qrow_BM, slot0, lseoff_BM):
-        q_BMxDp = _load_rows(q_ref, qrow_BM, dims, ok_BM)
-        do_BMxDp = _load_rows(do_ref, qrow_BM, dims, ok_BM)
+        q_BMxDp = load_rows(q_ref, qrow_BM, dims, ok_BM)
+        do_BMxDp = load_rows(do_ref, qrow_BM, dims, ok_BM)
 
         def one_slot(kk, dq_BMxDp):
-            c, w = idx_ref[slot0 + kk], w_ref[slot0 + kk]
-            kvrow_S = _chunk_rows(dims, n, e, c)
-            k_SxDp = _load_rows(k_ref, kvrow_S, dims)
-            v_SxDp = _load_rows(v_ref, kvrow_S, dims)
-            lse_BM = plgpu.load(lse_ref.at[lseoff_BM + kk * dims.R], mask=ok_BM, other=0.0)
-            p_BMxS = jnp.exp2(_logits2(q_BMxDp, k_SxDp, dims) - lse_BM[:, None])
-            dp_BMxS = _dot(do_BMxDp, v_SxDp, trans_b=True)
-            di_BM = jnp.sum(p_BMxS * dp_BMxS, axis=1)  # = dO . O_k
-            plgpu.store(di_ref.at[lseoff_BM + kk * dims.R], di_BM, mask=ok_BM)
-            ds_BMxS = (w * p_BMxS) * (dp_BMxS - di_BM[:, None])
-            return dq_BMxDp + _dot(ds_BMxS.astype(k_SxDp.dtype), k_SxDp)
+            w, k_SxDp, v_SxDp = _load_slot(dims, idx_ref, w_ref, k_ref, v_ref, n, e, slot0 + kk)
+            pos_BM = lseoff_BM + kk * dims.R
+            lse_BM = plgpu.load(lse_ref.at[pos_BM], mask=ok_BM, other=0.0)
+            dq_part, di_BM = chunk_dq(logits2(q_BMxDp, k_SxDp, dims), lse_BM, do_BMxDp, k_SxDp, v_SxDp, w)
+            plgpu.store(di_ref.at[pos_BM], di_BM, mask=ok_BM)
+            return dq_BMxDp + dq_part
 
         dq_BMxDp = _slot_loop(dims, one_slot, jnp.zeros((dims.BM, dims.Dp), jnp.float32))
-        _store_rows(dq_ref, qrow_BM, dq_BMxDp * dims.scale, dims, ok_BM)
+        store_rows(dq_ref, qrow_BM, dq_BMxDp * dims.scale, dims, ok_BM)
 
     _row_tile_loop(dims, body)
 
 
 def _q_major_call(kernel, dims: _Dims, out_shape, warps, stages, name):
-    grid = (pl.cdiv(dims.B, dims.params.fwd_rows) * dims.NR, dims.N * dims.H)
-    return pl.pallas_call(functools.partial(kernel, dims=dims), grid=grid, out_shape=out_shape,
-                          compiler_params=_compiler_params(
-                              warps, stages, fixed_bytes=2 * dims.BM * dims.Dp * dims.itemsize,
-                              stage_bytes=2 * dims.S * dims.Dp * dims.itemsize),
-                          interpret=dims.interpret, name=name)
+    return kernel_call(kernel, dims, grid=(pl.cdiv(dims.B, dims.params.fwd_rows) * dims.NR, dims.N * dims.H),
+                       out_shape=out_shape, warps=warps, stages=stages,
+                       fixed_bytes=2 * dims.BM * dims.Dp * dims.itemsize,
+                       stage_bytes=2 * dims.S * dims.Dp * dims.itemsize, name=name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,8 +251,8 @@ def _chunk_program(dims: _Dims, bp: int, splits: int, off_ref, pair_ref, w_ref, 
     start, end = off_ref[seg], off_ref[seg + 1]
     my_steps = pl.cdiv(jnp.maximum(pl.cdiv(end - start, bp) - s, 0), splits)
     kvrow_S = _chunk_rows(dims, n, e, c)
-    k_SxDp = _load_rows(k_ref, kvrow_S, dims)
-    v_SxDp = _load_rows(v_ref, kvrow_S, dims)
+    k_SxDp = load_rows(k_ref, kvrow_S, dims)
+    v_SxDp = load_rows(v_ref, kvrow_S, dims)
     m_M = jnp.arange(bp * dims.BM)
     slot_M, rr_M = m_M // dims.BM, m_M % dims.BM
 
@@ -372,63 +279,56 @@ def _dkv_kernel(off_ref, pair_ref, w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
                 dk_ref, dv_ref, *, dims: _Dims, bp: int, splits: int):
     """Accumulates chunk c's dk, dv over its pairs; writes split s's fp32 partial."""
     def tile(carry, k_SxDp, v_SxDp, ok_M, qrow_M, lpos_M, w_M):
-        dk_SxDp, dv_SxDp = carry
-        q_MxDp = _load_rows(q_ref, qrow_M, dims, ok_M)
-        do_MxDp = _load_rows(do_ref, qrow_M, dims, ok_M)
+        q_MxDp = load_rows(q_ref, qrow_M, dims, ok_M)
+        do_MxDp = load_rows(do_ref, qrow_M, dims, ok_M)
         lse_M = plgpu.load(lse_ref.at[lpos_M], mask=ok_M, other=0.0)
         di_M = plgpu.load(di_ref.at[lpos_M], mask=ok_M, other=0.0)
-        wp_MxS = w_M[:, None] * jnp.exp2(_logits2(q_MxDp, k_SxDp, dims) - lse_M[:, None])
-        dv_SxDp += _dot(wp_MxS.astype(do_MxDp.dtype), do_MxDp, trans_a=True)
-        ds_MxS = wp_MxS * (_dot(do_MxDp, v_SxDp, trans_b=True) - di_M[:, None])
-        dk_SxDp += _dot(ds_MxS.astype(q_MxDp.dtype), q_MxDp, trans_a=True)
-        return dk_SxDp, dv_SxDp
+        return chunk_dkv(*carry, logits2(q_MxDp, k_SxDp, dims), lse_M, di_M, q_MxDp, do_MxDp, v_SxDp, w_M)
 
     zeros = jnp.zeros((dims.S, dims.Dp), jnp.float32)
     (dk_SxDp, dv_SxDp), kvrow_S = _chunk_program(dims, bp, splits, off_ref, pair_ref, w_ref, k_ref,
                                                  v_ref, tile, (zeros, zeros))
     prow_S = pl.program_id(2) * (dims.N * dims.Lkv * dims.H) + kvrow_S  # partial of split s
-    _store_rows(dk_ref, prow_S, dk_SxDp * dims.scale, dims)
-    _store_rows(dv_ref, prow_S, dv_SxDp, dims)
+    store_rows(dk_ref, prow_S, dk_SxDp * dims.scale, dims)
+    store_rows(dv_ref, prow_S, dv_SxDp, dims)
 
 
 # --------------------------------------------------------------------------------------------------
 # Wrappers and custom VJP.
 
-def _flat_rows(x):
-    return x.reshape(-1, x.shape[-1])
+def _lse_shapes(q, dims: _Dims):
+    """Output shapes of the q-major kernels: rows of q's shape and one fp32 per (row, slot)."""
+    return (jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype),
+            jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32))
 
 
 def _forward(q, k, v, w_NxBxHxK, idx_NxBxHxK, dims: _Dims):
     """Returns o (N, L, HQ, D) and the base-2 LSE per (row, slot), (N*H*B*K*R,) fp32."""
     p = dims.params
-    out_shape = (jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype),
-                 jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32))
-    o, lse = _q_major_call(_fwd_kernel, dims, out_shape, p.fwd_warps, p.fwd_stages, "hsa_fwd")(
-        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v))
+    o, lse = _q_major_call(_fwd_kernel, dims, _lse_shapes(q, dims), p.fwd_warps, p.fwd_stages, "hsa_fwd")(
+        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), flat_rows(q), flat_rows(k), flat_rows(v))
     return o.reshape(q.shape), lse
 
 
 def _dq(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
     """Returns dq (N, L, HQ, D) and Di = dO . O_k per (row, slot), (N*H*B*K*R,) fp32."""
     p = dims.params
-    out_shape = (jax.ShapeDtypeStruct((dims.N * dims.L * dims.HQ, dims.D), q.dtype),
-                 jax.ShapeDtypeStruct((dims.N * dims.H * dims.B * dims.K * dims.R,), jnp.float32))
-    dq, di = _q_major_call(_dq_kernel, dims, out_shape, p.dq_warps, p.dq_stages, "hsa_dq")(
-        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), _flat_rows(q), _flat_rows(k), _flat_rows(v),
-        _flat_rows(do), lse)
+    dq, di = _q_major_call(_dq_kernel, dims, _lse_shapes(q, dims), p.dq_warps, p.dq_stages, "hsa_dq")(
+        idx_NxBxHxK.ravel(), w_NxBxHxK.ravel(), flat_rows(q), flat_rows(k), flat_rows(v), flat_rows(do), lse)
     return dq.reshape(q.shape), di
 
 
 def _dkv(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, di, do, dims: _Dims):
     """Returns dk, dv (N, Lkv, H, D): chunk-major kernel over the reverse index, split partials summed."""
     p, bp, splits = dims.params, _dkv_pairs(dims), _dkv_splits(dims)
+    fixed_bytes, stage_bytes = _dkv_smem(dims, bp)
     part = jax.ShapeDtypeStruct((splits * dims.N * dims.Lkv * dims.H, dims.D), jnp.float32)
-    dk_part, dv_part = pl.pallas_call(
-        functools.partial(_dkv_kernel, dims=dims, bp=bp, splits=splits), grid=(dims.C, dims.N * dims.H, splits),
-        out_shape=(part, part), compiler_params=_compiler_params(p.dkv_warps, p.dkv_stages, *_dkv_smem(dims, bp)),
-        interpret=dims.interpret, name="hsa_dkdv")(
+    dk_part, dv_part = kernel_call(
+        _dkv_kernel, dims, grid=(dims.C, dims.N * dims.H, splits), out_shape=(part, part), warps=p.dkv_warps,
+        stages=p.dkv_stages, fixed_bytes=fixed_bytes, stage_bytes=stage_bytes, name="hsa_dkdv",
+        bp=bp, splits=splits)(
         *_reverse_index(idx_NxBxHxK, w_NxBxHxK, dims), w_NxBxHxK.transpose(0, 2, 1, 3).ravel(),
-        _flat_rows(q), _flat_rows(k), _flat_rows(v), _flat_rows(do), lse, di)
+        flat_rows(q), flat_rows(k), flat_rows(v), flat_rows(do), lse, di)
     dk = dk_part.reshape(splits, *k.shape).sum(axis=0).astype(k.dtype)
     dv = dv_part.reshape(splits, *v.shape).sum(axis=0).astype(v.dtype)
     return dk, dv
@@ -441,7 +341,6 @@ def _backward(q, k, v, w_NxBxHxK, idx_NxBxHxK, lse, do, dims: _Dims):
     return dq, dk, dv, dw_NxHxBxK.transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _hsa_pallas(q, k, v, w, idx, dims: _Dims):
     return _forward(q, k, v, w.astype(jnp.float32), idx, dims)[0]
 
@@ -457,40 +356,53 @@ def _hsa_pallas_bwd(dims: _Dims, res, do):
     return dq, dk, dv, dw.astype(w.dtype), None
 
 
+_hsa_pallas = jax.custom_vjp(_hsa_pallas, nondiff_argnums=(5,))
 _hsa_pallas.defvjp(_hsa_pallas_fwd, _hsa_pallas_bwd)
 
 
+# --------------------------------------------------------------------------------------------------
+# Public op.
+
 def make_dims(q, k, weights, *, chunk_size: int, sm_n: float = 0.0, scale: float | None = None,
               params: KernelParams = KernelParams(), interpret: bool = False) -> _Dims:
-    """Static configuration of one Pallas call (validated shapes, tiling, tuning knobs)."""
+    """Static configuration of one Pallas call (validated shapes, tiling, tuning knobs). q, k, weights:
+    arrays or anything with .shape / .dtype."""
     N, L, HQ, D = q.shape
     _, Lkv, H, _ = k.shape
     _, B, _, K = weights.shape
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"hsa_attention(impl=pallas): chunk_size={chunk_size} must be a power of two >= 16")
-    return _Dims(N=N, L=L, HQ=HQ, D=D, Lkv=Lkv, H=H, B=B, K=K, S=chunk_size,
-                 scale=1.0 / math.sqrt(D) if scale is None else float(scale), sm_n=float(sm_n),
-                 itemsize=jnp.dtype(q.dtype).itemsize, params=params, interpret=interpret)
+    return _Dims(N=N, L=L, HQ=HQ, D=D, Lkv=Lkv, H=H, B=B, K=K, S=chunk_size, scale=default_scale(D, scale),
+                 sm_n=float(sm_n), itemsize=jnp.dtype(q.dtype).itemsize, params=params, interpret=interpret)
 
 
 def hsa_attention_pallas(q, k, v, weights, indices, *, chunk_size: int, sm_n: float = 0.0,
                          scale: float | None = None, params: KernelParams = KernelParams(),
                          interpret: bool = False):
-    """The Pallas op with explicit tuning knobs (benchmarks sweep them; models use hsa_attention)."""
+    """The Pallas op with explicit tuning knobs (benchmarks sweep them; models use hsa_attention).
+    Same contract as hsa_attention, out-of-range chunk ids included."""
     _, _, C = check_hsa_args(q, k, v, weights, indices, chunk_size)
     dims = make_dims(q, k, weights, chunk_size=chunk_size, sm_n=sm_n, scale=scale, params=params,
                      interpret=interpret)
-    # Same contract as the reference: chunk ids are clipped into [0, C).
-    idx = jnp.clip(indices.astype(jnp.int32), 0, C - 1)
-    return _hsa_pallas(q, k, v, weights, idx, dims)
+    # Out-of-range slots become (weight 0, chunk 0) outside the custom VJP: the kernels never read past
+    # the kv arrays, the forward adds nothing for them, the dk/dv reverse index skips them (zero
+    # weight) and d(weight) of such a slot is 0 (the jnp.where's VJP).
+    w, idx = mask_out_of_range(weights, indices, C)
+    return _hsa_pallas(q, k, v, w, idx, dims)
 
 
 def hsa_attention(q, k, v, weights, indices, *, chunk_size: int, sm_n: float = 0.0,
                   scale: float | None = None, impl: str = "xla"):
     """Chunked retrieval attention. q (N, Lq, HQ, D); k, v (N, Lkv, H, D); weights (N, Lq/Q, H, K) float;
-    indices (N, Lq/Q, H, K) int chunk ids (chunk c = kv rows [c*S, (c+1)*S)). Query head h reads kv head
-    h // (HQ/H); Q consecutive queries share one retrieval row. Returns (N, Lq, HQ, D) in q's dtype."""
-    impl = resolve_impl(impl)
+    indices (N, Lq/Q, H, K) int chunk ids (chunk c = kv rows [c*S, (c+1)*S), S = chunk_size). Query head
+    h reads kv head h // (HQ/H); Q consecutive queries share one retrieval row. Returns (N, Lq, HQ, D)
+    in q's dtype. `impl`: one of IMPLS (pallas_kernels.common).
+
+    Out-of-range chunk ids: a slot whose id lies outside [0, Lkv/S) (negative ids included) contributes
+    nothing, as if its weight were 0, and gets d(weight) = 0, on every backend. When `indices` is
+    concrete (an eager call: not a jit/vmap tracer) such an id raises ValueError naming the id, its
+    position and the allowed range instead. Padding slots: weight 0 and a valid id (conventionally 0)."""
+    impl = resolve_impl(impl, "hsa_attention")
     if impl == "xla":
         return hsa_attention_reference(q, k, v, weights, indices, chunk_size=chunk_size, sm_n=sm_n, scale=scale)
     return hsa_attention_pallas(q, k, v, weights, indices, chunk_size=chunk_size, sm_n=sm_n, scale=scale,

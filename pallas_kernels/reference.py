@@ -8,6 +8,13 @@ Math (spec §2.2), for query token l, query head h, retrieval row b = l // Q, kv
 Each chunk gets its own softmax (with `sm_n` added to the denominator: softmax-off-by-one when 1), and
 the K per-chunk results are mixed linearly by the retrieval weights.
 
+Out-of-range chunk ids (the contract of every HSA backend, defined here): a slot whose index c lies
+outside [0, C), C = Lkv / S, negative ids included, contributes nothing: it is treated as weight 0
+(and its d(weight) is 0). When `indices` is concrete (eager calls, numpy inputs: not a tracer under
+jit / vmap) such an id is a ValueError naming the value, its position and [0, C) instead; under
+tracing a data-dependent error is impossible, so the masking applies (`mask_out_of_range`).
+Padding slots should carry weight 0 and a valid id (conventionally 0).
+
 Memory: the op scans over the K slots and gathers one chunk per (query row, kv head) at a time, so it
 never materialises anything of size Lq x Lkv; the scan body is rematerialised under `jax.grad`, so
 the backward keeps only O(K * Lq * H) residuals besides the inputs.
@@ -19,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_hsa_args(q, k, v, weights, indices, chunk_size: int) -> tuple[int, int, int]:
@@ -48,13 +56,39 @@ def check_hsa_args(q, k, v, weights, indices, chunk_size: int) -> tuple[int, int
             f"with Lq={lq} a multiple of the row count")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"hsa_attention: indices must be integers, got {indices.dtype}")
+    check_chunk_ids(indices, lkv // chunk_size)
     return hq // h, lq // nb, lkv // chunk_size
+
+
+def check_chunk_ids(indices, num_chunks: int) -> None:
+    """Eager check of concrete chunk ids: ValueError naming the first id outside [0, num_chunks), its
+    position and the allowed range. Does nothing for tracers (under jit / vmap / scan the values are
+    unknown; `mask_out_of_range` gives such ids weight 0)."""
+    if isinstance(indices, jax.core.Tracer) or (isinstance(indices, jax.Array) and not indices.is_fully_addressable):
+        return
+    idx = np.asarray(indices)
+    bad = (idx < 0) | (idx >= num_chunks)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"hsa_attention: chunk id {int(idx[pos])} at indices{list(pos)} is out of range: chunk ids "
+            f"must lie in [0, {num_chunks}) (kv length / chunk_size); {int(bad.sum())} of {idx.size} "
+            f"ids are outside it. Under jax.jit such ids are masked to weight 0 instead.")
+
+
+def mask_out_of_range(weights, indices, num_chunks: int):
+    """(weights, indices) with every slot whose id lies outside [0, num_chunks) given weight 0 and id 0:
+    the slot adds nothing to the output, and d(weight) of the slot is 0. Indices come back int32."""
+    idx = indices.astype(jnp.int32)
+    ok = (idx >= 0) & (idx < num_chunks)
+    return jnp.where(ok, weights, jnp.zeros((), weights.dtype)), jnp.where(ok, idx, 0)
 
 
 def hsa_attention_reference(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx_NxBxHxK, *,
                             chunk_size: int, sm_n: float = 0.0, scale: float | None = None):
-    """Reference HSA op in fp32. Returns (N, Lq, HQ, D) in q's dtype. Chunk ids are clipped to the
-    valid range [0, Lkv/S); invalid slots are expected to carry weight 0 (and conventionally index 0)."""
+    """Reference HSA op in fp32. Returns (N, Lq, HQ, D) in q's dtype. A slot whose chunk id lies
+    outside [0, Lkv/S) contributes nothing (weight 0); concrete out-of-range ids raise ValueError
+    (module docstring)."""
     G, Q, C = check_hsa_args(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx_NxBxHxK, chunk_size)
     N, Lq, HQ, D = q_NxLxHQxD.shape
     H, S = k_NxLkvxHxD.shape[2], chunk_size
@@ -67,8 +101,9 @@ def hsa_attention_reference(q_NxLxHQxD, k_NxLkvxHxD, v_NxLkvxHxD, w_NxBxHxK, idx
     k_NxCxSxHxD = k_NxLkvxHxD.astype(f32).reshape(N, C, S, H, D)
     v_NxCxSxHxD = v_NxLkvxHxD.astype(f32).reshape(N, C, S, H, D)
     # Slot axis first so that lax.scan walks the K retrieved chunks.
-    idx_KxNxBxH = jnp.moveaxis(jnp.clip(idx_NxBxHxK.astype(jnp.int32), 0, C - 1), -1, 0)
-    w_KxNxBxH = jnp.moveaxis(w_NxBxHxK.astype(f32), -1, 0)
+    w_NxBxHxK, idx_NxBxHxK = mask_out_of_range(w_NxBxHxK.astype(f32), idx_NxBxHxK, C)
+    idx_KxNxBxH = jnp.moveaxis(idx_NxBxHxK, -1, 0)
+    w_KxNxBxH = jnp.moveaxis(w_NxBxHxK, -1, 0)
 
     def gather_chunks(x_NxCxSxHxD, idx_NxBxH):
         # x[n, idx[n, b, h], :, h, :] -> (N, B, S, H, D)
