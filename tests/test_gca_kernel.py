@@ -1,10 +1,12 @@
-"""The Pallas GCA kernels (interpret mode on CPU) against the pure-jnp reference op, and both against the
-original's golden GCA outputs.
+"""The Pallas GCA kernels against the pure-jnp reference op, and both against the original's golden GCA
+outputs: in interpret mode everywhere, and compiled (impl "pallas") as well when JAX's default backend
+is a GPU (pallas_kernels.testing.KERNEL_IMPLS).
 
 Interpret mode starts every pallas_call output as NaN (checked in test_hsa_kernel.py's
 test_interpret_mode_poisons_unwritten_outputs), so an element a kernel forgets to write (the original
 leaves dq row 64 unwritten at Lq = 65, and every row at K = 1) is a NaN in o / dq / dk / dv / dw and
-fails the comparison.
+fails the comparison. Random inputs come from the `rng` fixture: a fresh seed per test, printed, or
+$KERNEL_TEST_SEED (pallas_kernels/testing.py).
 """
 
 import functools
@@ -18,8 +20,26 @@ from conftest import fixture_names, load_npz, rel_err
 from pallas_kernels import gca
 from pallas_kernels.gca import GCAParams, gca_attention, gca_attention_pallas
 from pallas_kernels.reference import hsa_attention_reference
+from pallas_kernels.testing import KERNEL_IMPLS, announce_seed
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# max |kernel - reference| / max |reference|, by the dtype of each output (o, dq, dk, dv in q's dtype;
+# dw in the weights' fp32). Measured in interpret mode, 6 seeds x the 11 GRID cases: fp32 o/dq/dk/dv
+# <= 1.3e-6, fp32 dw <= 4.4e-6 (a sum over heads and rows of Di, with cancellation: softmax weights);
+# bf16 outputs <= 7.7e-3 (P and dS rounded to bf16 before the matmuls, outputs rounded to bf16).
+# The bf16 bound was 1e-2 for dw as well before; it now gets the fp32 one.
+TOL = {"float32": 5e-6, "bfloat16": 1e-2}
+DW_TOL = 1e-5
+OUTPUTS = ("o", "dq", "dk", "dv", "dw")
+
+
+@pytest.fixture
+def seed(request):
+    return announce_seed(request)  # printed; $KERNEL_TEST_SEED reproduces a run
+
+
+@pytest.fixture
+def rng(seed):
+    return np.random.default_rng(seed)
 
 
 def _inputs(rng, *, B, HQ, H, Lq, K, Lk, D, dtype, zero_last_key=False):
@@ -58,30 +78,55 @@ GRID = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(GRID))
-def test_kernel_matches_reference(name):
-    case = GRID[name]
-    q, k, v, w, do = _inputs(np.random.default_rng(), **case)
-    got = _value_and_grads(functools.partial(gca_attention, impl="interpret"), q, k, v, w, do)
-    want = _value_and_grads(functools.partial(gca_attention, impl="xla"), q, k, v, w, do)
-    for label, g, x in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+def _kernel_op(impl, params=GCAParams()):
+    return functools.partial(gca_attention_pallas, params=params, interpret=impl == "interpret")
+
+
+def _assert_close(got, want, seed):
+    for label, g, x in zip(OUTPUTS, got, want):
         assert g.shape == x.shape and g.dtype == x.dtype, label
-        assert bool(jnp.all(jnp.isfinite(g))), f"{label}: unwritten (NaN) elements"
-        assert rel_err(g, x) <= TOL[case["dtype"]], (label, rel_err(g, x))
+        assert bool(jnp.all(jnp.isfinite(g))), f"{label}: unwritten (NaN) elements (KERNEL_TEST_SEED={seed})"
+        err, tol = rel_err(g, x), DW_TOL if label == "dw" else TOL[str(g.dtype)]
+        assert err <= tol, f"{label}: rel err {err:.3g} > {tol} (KERNEL_TEST_SEED={seed})"
 
 
-def test_block_size_variants_match_reference():
-    """Smaller query tiles (several per head, the last one partial) give the same results."""
-    q, k, v, w, do = _inputs(np.random.default_rng(), **_case(HQ=4, H=2, Lq=65, K=3))
-    want = _value_and_grads(functools.partial(gca_attention, impl="xla"), q, k, v, w, do)
-    for params in (GCAParams(block_q=16), GCAParams(block_q=32)):
-        got = _value_and_grads(functools.partial(gca_attention_pallas, params=params, interpret=True), q, k, v, w, do)
-        for label, g, x in zip(("o", "dq", "dk", "dv", "dw"), got, want):
-            assert rel_err(g, x) <= 1e-5, (params, label)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+class TestKernel:
+    """The kernel tests, once per backend in KERNEL_IMPLS: interpret mode, and the compiled Triton
+    kernels when a GPU is present."""
+
+    @pytest.mark.parametrize("name", sorted(GRID))
+    def test_matches_reference(self, rng, seed, impl, name):
+        case = GRID[name]
+        q, k, v, w, do = _inputs(rng, **case)
+        got = _value_and_grads(_kernel_op(impl), q, k, v, w, do)
+        want = _value_and_grads(functools.partial(gca_attention, impl="xla"), q, k, v, w, do)
+        _assert_close(got, want, seed)
+
+    @pytest.mark.parametrize("block_q", [16, 32])
+    def test_block_size_variants_match_reference(self, rng, seed, impl, block_q):
+        """Smaller query tiles (several per head, the last one partial) give the same results."""
+        q, k, v, w, do = _inputs(rng, **_case(HQ=4, H=2, Lq=65, K=3))
+        want = _value_and_grads(functools.partial(gca_attention, impl="xla"), q, k, v, w, do)
+        got = _value_and_grads(_kernel_op(impl, GCAParams(block_q=block_q)), q, k, v, w, do)
+        _assert_close(got, want, seed)
+
+    def test_zero_landmark_slot_is_softmax_plus_one(self, rng, seed, impl):
+        """A zero key/value in every chunk (DRT at P = 64) equals softmax-off-by-one over the other Lk-1
+        keys: checked against the HSA reference op with sm_n = 1 and one retrieval row per batch entry."""
+        B, HQ, Lq, K, Lk, D = 2, 2, 64, 3, 64, 32
+        q, k, v, w, _ = _inputs(rng, **_case(B=B, HQ=HQ, H=HQ, Lq=Lq, K=K, Lk=Lk, D=D), zero_last_key=True)
+        got = _kernel_op(impl)(q, k, v, w)
+        to_hsa_kv = lambda x: x[:, :, :, :-1].transpose(0, 2, 3, 1, 4).reshape(B, K * (Lk - 1), HQ, D)  # noqa: E731
+        w_hsa = jnp.broadcast_to(w[:, None, None, :], (B, 1, HQ, K))
+        idx = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, 1, HQ, K))
+        want = hsa_attention_reference(q.transpose(0, 2, 1, 3), to_hsa_kv(k), to_hsa_kv(v), w_hsa, idx,
+                                       chunk_size=Lk - 1, sm_n=1.0).transpose(0, 2, 1, 3)
+        assert rel_err(got, want) <= TOL["float32"], f"KERNEL_TEST_SEED={seed}"
 
 
 @pytest.mark.parametrize("name", fixture_names("drt", "gca_kernel_*.npz"))
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("impl", ["xla", *KERNEL_IMPLS])
 def test_original_gca_fixture(name, impl):
     """o, dq, dk, dv, dw of the original GCA maths (torch autograd, fp32) for the given dO."""
     d = load_npz("drt", name)
@@ -91,26 +136,9 @@ def test_original_gca_fixture(name, impl):
         assert rel_err(g, d[label]) <= 1e-5, (label, rel_err(g, d[label]))
 
 
-def test_zero_landmark_slot_is_softmax_plus_one():
-    """A zero key/value in every chunk (DRT at P = 64) equals softmax-off-by-one over the other Lk-1
-    keys: checked against the HSA reference op with sm_n = 1 and one retrieval row per batch entry."""
-    B, HQ, Lq, K, Lk, D = 2, 2, 64, 3, 64, 32
-    q, k, v, w, _ = _inputs(np.random.default_rng(), **_case(B=B, HQ=HQ, H=HQ, Lq=Lq, K=K, Lk=Lk, D=D),
-                            zero_last_key=True)
-    got = gca_attention(q, k, v, w, impl="interpret")
-    to_hsa_kv = lambda x: x[:, :, :, :-1].transpose(0, 2, 3, 1, 4).reshape(B, K * (Lk - 1), HQ, D)
-    w_hsa = jnp.broadcast_to(w[:, None, None, :], (B, 1, HQ, K))
-    idx = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, 1, HQ, K))
-    want = hsa_attention_reference(q.transpose(0, 2, 1, 3), to_hsa_kv(k), to_hsa_kv(v), w_hsa, idx,
-                                   chunk_size=Lk - 1, sm_n=1.0).transpose(0, 2, 1, 3)
-    assert rel_err(got, want) <= 1e-5
-
-
-def test_forward_lse_fully_written():
-    case = _case(B=2, HQ=4, H=2, Lq=65, K=3)
-    q, k, v, w, _ = _inputs(np.random.default_rng(), **case)
-    dims = gca._Dims(B=2, HQ=4, H=2, Lq=65, K=3, Lk=64, D=32, scale=32 ** -0.5, itemsize=4, params=GCAParams(),
-                     interpret=True)
+def test_forward_lse_fully_written(rng):
+    q, k, v, w, _ = _inputs(rng, **_case(B=2, HQ=4, H=2, Lq=65, K=3))
+    dims = gca.make_dims(q, k, interpret=True)
     o, lse = gca._forward(q, k, v, w, dims)
     assert lse.shape == (2 * 4 * 3 * 65,)
     assert bool(jnp.all(jnp.isfinite(lse))) and bool(jnp.all(jnp.isfinite(o)))
@@ -123,5 +151,5 @@ def test_bad_shapes_raise_naming_the_argument():
         gca_attention(q, kv, kv, jnp.zeros((2, 2)), impl="interpret")
     with pytest.raises(ValueError, match="query heads 4 must be a multiple of kv heads 3"):
         gca_attention(q, jnp.zeros((2, 3, 3, 64, 32)), jnp.zeros((2, 3, 3, 64, 32)), jnp.zeros((2, 3)))
-    with pytest.raises(ValueError, match="impl='cuda'"):
+    with pytest.raises(ValueError, match="gca_attention: impl='cuda' is not one of"):
         gca_attention(q, kv, kv, jnp.zeros((2, 3)), impl="cuda")

@@ -4,13 +4,16 @@ Interpret mode runs the kernels' maths but not the Pallas->Triton lowering, whos
 show up only on a GPU. Exporting for CUDA under an abstract H100 runs that lowering here.
 """
 
+import ast
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import pytest
 from jax._src.mesh import AbstractDevice, AbstractMesh
 
-from pallas_kernels.gca import gca_attention
-from pallas_kernels.hsa import hsa_attention
+import pallas_kernels
+from pallas_kernels import gca_attention, hsa_attention
 
 H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
 TRITON_CALL = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
@@ -45,3 +48,15 @@ def test_gca_kernels_lower_to_triton(dtype, G, Lq, K):
     n = lower_for_gpu(f, ((B, H * G, Lq, D), dtype), ((B, H, K, Lk, D), dtype), ((B, H, K, Lk, D), dtype),
                       ((B, K), jnp.float32))
     assert n >= 3
+
+
+def test_package_exports_both_ops_and_no_module_reads_anothers_private_names():
+    """hsa.py and gca.py share only common.py's (and reference.py's) public helpers."""
+    for name in ("hsa_attention", "gca_attention", "hsa_attention_pallas", "gca_attention_pallas", "IMPLS"):
+        assert name in pallas_kernels.__all__ and hasattr(pallas_kernels, name), name
+    assert pallas_kernels.IMPLS == ("auto", "xla", "pallas", "interpret")
+    for path in pathlib.Path(pallas_kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pallas_kernels"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
