@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.decode import SWAHSADecoder
-from hsa_jax.evaluate import parse_length
-from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
+from hsa_jax.eval.longctx import parse_length
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
 
 CONFIG_125M = dict(vocab_size=50280, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
                    num_key_value_heads=4, num_kv_heads=1, num_lower_layers=6, num_upper_layers=6, num_upper_groups=1,

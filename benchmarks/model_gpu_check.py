@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hsa_jax.compare import compare_reference
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.models.swa_hsa.parity import compare_reference
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
 
 
 def grad_check(dtype: str, seed: int) -> tuple[float, float]:

@@ -5,7 +5,7 @@ Two byte-level token indexes (the bundled byte tokenizer: ids 0-255 are UTF-8 by
   haystack   filler text: sentences drawn at random from a small set (RULER's "noise" haystack style),
              one document per `doc_tokens` tokens. hsa-eval reads its haystacks from here.
   train      `samples` documents of exactly `seq_len` tokens, each a single-needle (S-NIAH) sample in the
-             format of hsa_jax.ruler.RulerTasks.s_niah: filler with the needle
+             format of hsa_jax.eval.ruler.RulerTasks.s_niah: filler with the needle
              " |One of the special magic numbers for long-context is:" + 7 random key bytes + "|" at a
              uniform position, and the question "... Answer: " + key + EOS at the end. Keys and positions
              come from this generator's own seed (not from the haystack, whose few distinct first/last
@@ -72,7 +72,7 @@ PASSKEY_DIGITS = 5  # RulerTasks.passkey's default
 
 def passkey_sample(rng: np.random.Generator, seq_len: int, qa_repeats: int = 2,
                    digits: int = PASSKEY_DIGITS) -> np.ndarray:
-    """One pass-key sequence of exactly seq_len tokens, in the layout of hsa_jax.ruler.RulerTasks.passkey
+    """One pass-key sequence of exactly seq_len tokens, in the layout of hsa_jax.eval.ruler.RulerTasks.passkey
     (own randomness): filler with the needle " The pass key is K. Remember it. K is the pass key." at a
     uniform position, then " What is the pass key? The pass key is" + ". Answer: " + " K" + EOS. With
     qa_repeats > 1 the question/answer block is repeated (same K) to raise the share of answer tokens;

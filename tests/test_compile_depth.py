@@ -13,11 +13,11 @@ import pytest
 from flax import nnx
 
 from conftest import rel_err
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.drt import DRTForCausalLM
-from hsa_jax.drt_config import DRTConfig
-from hsa_jax.layers import rope_cos_sin
-from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.models.drt.model import DRTForCausalLM
+from hsa_jax.models.drt.config import DRTConfig
+from hsa_jax.common.layers import rope_cos_sin
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
 from hsa_jax.registry import family
 from train.config import load_config
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hsa_jax import compare
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.decode import CacheCapacityError, SWAHSADecoder
-from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.cli import compare
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.common.decoding import CacheCapacityError
+from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
 from tests.conftest import fixture_path
 
 ATOL = 1e-4

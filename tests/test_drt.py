@@ -12,15 +12,17 @@ import pytest
 from flax import nnx
 
 from conftest import fixture_names, fixture_path, load_npz, rel_err
-from hsa_jax.compare import build_model
-from hsa_jax.config import ConfigError
-from hsa_jax.drt import (DRTForCausalLM, compare_drt_reference, export_original_state_dict, load_original_state_dict,
-                         original_loss, strip_buffers)
-from hsa_jax.drt_config import DRTConfig
-from hsa_jax.decode import CacheCapacityError, make_decoder
-from hsa_jax.drt_layers import alibi_window_attention, select_chunks
+from hsa_jax.common.parity import build_model
+from hsa_jax.common.config import ConfigError
+from hsa_jax.models.drt.interop import export_original_state_dict, load_original_state_dict, strip_buffers
+from hsa_jax.models.drt.model import DRTForCausalLM
+from hsa_jax.models.drt.parity import compare_drt_reference, original_loss
+from hsa_jax.models.drt.config import DRTConfig
+from hsa_jax.common.decoding import CacheCapacityError
+from hsa_jax.registry import make_decoder
+from hsa_jax.models.drt.layers import alibi_window_attention, select_chunks
 from hsa_jax.generate import generate
-from hsa_jax.interop import CheckpointMismatchError, param_paths
+from hsa_jax.common.interop import CheckpointMismatchError, param_paths
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
             decoder_layers=[1, 1, 1], encoder_layers=1, enc_chunk_size=63, chunk_topk=2, chunk_id=60, pad_id=59,
@@ -249,10 +251,10 @@ def test_retrieval_rows_without_candidates_have_zero_weights_and_finite_grads():
     q, lmk = (jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32) for _ in range(2))
 
     def total(q, lmk):
-        _, w, _ = select_chunks(q, lmk, topk=3)
+        w, _, _ = select_chunks(q, lmk, topk=3)
         return jnp.sum(w * jnp.arange(3.0))
 
-    idx, w, _ = select_chunks(q, lmk, topk=3)
+    w, idx, _ = select_chunks(q, lmk, topk=3)
     assert float(jnp.abs(w[:, 0]).max()) == 0.0
     np.testing.assert_allclose(np.asarray(w.sum(-1))[:, 1:], 1.0, rtol=1e-6)
     for g in jax.grad(total, argnums=(0, 1))(q, lmk):
@@ -265,10 +267,10 @@ def test_gumbel_selection_changes_choice_not_weights_of_chosen():
     """Noise picks the chunks; weights are the softmax of the chosen chunks' clean scores."""
     rng = np.random.default_rng()
     q, lmk = (jnp.asarray(rng.standard_normal((1, 12, 8)), jnp.float32) for _ in range(2))
-    clean_idx, _, scores = select_chunks(q, lmk, topk=2)
+    _, clean_idx, scores = select_chunks(q, lmk, topk=2)
     differs = False
     for seed in range(8):
-        idx, w, _ = select_chunks(q, lmk, topk=2, noise_rng=jax.random.key(seed))
+        w, idx, _ = select_chunks(q, lmk, topk=2, noise_rng=jax.random.key(seed))
         s = jnp.take_along_axis(scores, idx, axis=-1)[0, 3:]  # rows with >= 3 candidates: all valid
         np.testing.assert_allclose(np.asarray(w[0, 3:]), np.asarray(jax.nn.softmax(s, axis=-1)), rtol=1e-6)
         differs |= not np.array_equal(np.sort(idx[0, 3:], -1), np.sort(clean_idx[0, 3:], -1))

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from hsa_jax import evaluate, generate
+from hsa_jax.cli import evaluate, generate
 from train.config import load_config
 from train.flops import train_flops_per_token
 from train.main import resolve_index, train

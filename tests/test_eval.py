@@ -10,13 +10,14 @@ import pytest
 from flax import nnx
 
 from data_pipeline.synthetic import build_synthetic, niah_sample
-from hsa_jax import evaluate
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.decode import SWAHSADecoder
-from hsa_jax.generate import generate, restore_checkpoint
-from hsa_jax.interop import save_safetensors
-from hsa_jax.model import SWAHSAForCausalLM
-from hsa_jax.ruler import RulerTasks, Task, TextTokenizer, score
+from hsa_jax.cli import evaluate
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
+from hsa_jax.generate import generate
+from hsa_jax.loading import restore_checkpoint
+from hsa_jax.common.interop import save_safetensors
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
+from hsa_jax.eval.ruler import RulerTasks, Task, TextTokenizer, score
 
 BYTES = TextTokenizer.load("bytes")
 TASKS = RulerTasks(BYTES)
@@ -191,7 +192,7 @@ def test_checkpoint_restore(tiny_model, tmp_path):
     ck = Checkpointer(tmp_path / "run" / "checkpoints", keep=1)
     state = {"params": nnx.state(tiny_model, nnx.Param), "opt_state": {}, "step": np.int32(7)}
     cfg = {"model_type": "swa_hsa", "model": tiny_model.cfg.to_dict()}
-    ck.save(7, state, b"{}", cfg, jax.random.key_data(jax.random.key(0)))
+    ck.save(7, state, cfg, jax.random.key_data(jax.random.key(0)))
     ck.wait()
     ck.close()
     model, run_cfg = restore_checkpoint(tmp_path / "run")
@@ -201,8 +202,8 @@ def test_checkpoint_restore(tiny_model, tmp_path):
 
 
 def test_inference_settings_change_retrieval_not_weights(tiny_model, tmp_path):
-    from hsa_jax.config import ConfigError
-    from hsa_jax.generate import load_model
+    from hsa_jax.common.config import ConfigError
+    from hsa_jax.loading import load_model
 
     save_safetensors(tiny_model, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(tiny_model.cfg.to_dict()))
@@ -231,9 +232,10 @@ def test_backend_setting_reaches_every_attention_call(tiny_model, tmp_path):
     its program), for converted weights of both families (DRT: original keys, ALiBi buffers included)."""
     import jax
 
-    from hsa_jax.drt import DRTForCausalLM, export_original_state_dict
-    from hsa_jax.drt_config import DRTConfig
-    from hsa_jax.generate import load_model
+    from hsa_jax.models.drt.interop import export_original_state_dict
+    from hsa_jax.models.drt.model import DRTForCausalLM
+    from hsa_jax.models.drt.config import DRTConfig
+    from hsa_jax.loading import load_model
 
     drt = DRTForCausalLM(DRTConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2,
                                    num_key_value_heads=1, decoder_layers=[1, 1, 1], encoder_layers=1,

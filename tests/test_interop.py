@@ -5,10 +5,10 @@ import pytest
 from flax import nnx
 
 from conftest import fixture_path, load_npz
-from hsa_jax import compare
-from hsa_jax.interop import (CheckpointMismatchError, export_state_dict, load_state_dict, read_state_dict,
+from hsa_jax.cli import compare
+from hsa_jax.common.interop import (CheckpointMismatchError, export_state_dict, load_state_dict, read_state_dict,
                              save_safetensors)
-from hsa_jax.model import SWAHSAForCausalLM
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
 from test_model import random_ids, tiny
 
 
@@ -27,7 +27,7 @@ def test_safetensors_roundtrip_gives_identical_logits(tmp_path, tied):
 
 def test_original_keys_match_fixture_state_dict():
     """Our parameter set, under original keys and torch shapes, is exactly the original state_dict."""
-    from hsa_jax.config import SWAHSAConfig
+    from hsa_jax.models.swa_hsa.config import SWAHSAConfig
     cfg = SWAHSAConfig.from_json(fixture_path("swa_hsa", "model_b_hsa_swa_softmax1.config.json"))
     ref = {k[6:]: v.shape for k, v in load_npz("swa_hsa", "model_b_hsa_swa_softmax1.npz").items() if k.startswith("param/")}
     ours = {k: v.shape for k, v in export_state_dict(SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(0))).items()}

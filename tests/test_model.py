@@ -10,12 +10,13 @@ import pytest
 from flax import nnx
 
 from conftest import fixture_names, fixture_path, load_npz, rel_err
-from hsa_jax.compare import compare_reference
-from hsa_jax.config import ConfigError, SWAHSAConfig
-from hsa_jax.interop import load_state_dict
-from hsa_jax.model import SWAHSAForCausalLM
-from hsa_jax.retrieval import RetrievalLayer
-from hsa_jax.compare import dense_chunk_weights
+from hsa_jax.models.swa_hsa.parity import compare_reference
+from hsa_jax.common.config import ConfigError
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.common.interop import load_state_dict
+from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
+from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
+from hsa_jax.common.parity import dense_chunk_weights
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             num_kv_heads=1, num_lower_layers=1, num_upper_layers=2, chunk_size=16, chunk_topk=3,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hsa_jax.config import ConfigError
+from hsa_jax.common.config import ConfigError
 from train.checkpoint import Checkpointer
 from train.config import load_config
 from train.main import init_state, resolve_index, train

@@ -13,7 +13,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from hsa_jax.config import ConfigError
+from hsa_jax.common.checkpoint import config_restore_args, save_args, state_restore_args
+from hsa_jax.common.config import ConfigError
 from train.distributed import barrier
 
 
@@ -34,11 +35,7 @@ class Checkpointer:
         """`step` steps are done: the data position (the next global batch) is `step` too, whatever the
         process count, so it is stored as that rather than as one process's iterator. Orbax silently skips
         a step it already holds (or one below its latest): that is an error here, never lost work."""
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({**state, "rng": rng_data}),
-            data=ocp.args.JsonSave({"next_step": step}),
-            config=ocp.args.JsonSave(config),
-        ))
+        saved = self.manager.save(step, args=save_args({**state, "rng": rng_data}, {"next_step": step}, config))
         if not saved:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} was not written: the folder already "
                                   f"holds steps {sorted(self.manager.all_steps())}")
@@ -56,10 +53,10 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = self.directory / str(step)
             try:
-                saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+                saved_config = self.manager.restore(step, args=config_restore_args()).config
                 diff = model_mismatch(saved_config, config)
                 if not diff:
-                    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+                    out = self.manager.restore(step, args=state_restore_args(abstract))
             except Exception as e:  # a partial or corrupt checkpoint: move it aside, try the previous one
                 aside = path.with_name(f"{step}.corrupt-{stamp()}")
                 log(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from hsa_jax.config import ConfigError, typed_fields
+from hsa_jax.common.config import ConfigError, require, typed_fields
+from hsa_jax.common.config import apply_overrides as common_overrides
 from hsa_jax.registry import family
 
 DATA_MODES = ("random", "across_docs", "sequential")
@@ -87,35 +88,30 @@ class TrainConfig:
 
     def __post_init__(self):
         d, o, r, m = self.data, self.optim, self.run, self.mesh
-        _require(d.mode in DATA_MODES, "data.mode", d.mode, f"one of {DATA_MODES}")
-        _require(d.seq_len > 0 and d.seq_len % self.model.chunk_size == 0, "data.seq_len", d.seq_len,
+        require(d.mode in DATA_MODES, "data.mode", d.mode, f"one of {DATA_MODES}")
+        require(d.seq_len > 0 and d.seq_len % self.model.chunk_size == 0, "data.seq_len", d.seq_len,
                  f"a positive multiple of model.chunk_size={self.model.chunk_size}")
-        _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "> 0")
-        _require(o.grad_accum > 0 and d.global_batch_size % o.grad_accum == 0, "optim.grad_accum", o.grad_accum,
+        require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "> 0")
+        require(o.grad_accum > 0 and d.global_batch_size % o.grad_accum == 0, "optim.grad_accum", o.grad_accum,
                  f"a positive divisor of data.global_batch_size={d.global_batch_size}")
-        _require(o.lr > 0, "optim.lr", o.lr, "> 0")
-        _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "in [0, 1)")
-        _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-        _require(o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0")
+        require(o.lr > 0, "optim.lr", o.lr, "> 0")
+        require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "in [0, 1)")
+        require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+        require(o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0")
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
-            _require(isinstance(getattr(r, name), int) and getattr(r, name) > 0, f"run.{name}", getattr(r, name),
+            require(isinstance(getattr(r, name), int) and getattr(r, name) > 0, f"run.{name}", getattr(r, name),
                      "a positive integer")
-        _require(r.nan_policy in NAN_POLICIES, "run.nan_policy", r.nan_policy, f"one of {NAN_POLICIES}")
-        _require(r.remat in REMAT_POLICIES, "run.remat", r.remat, f"one of {REMAT_POLICIES}")
-        _require(isinstance(r.collective_overlap, bool), "run.collective_overlap", r.collective_overlap, "true or false")
+        require(r.nan_policy in NAN_POLICIES, "run.nan_policy", r.nan_policy, f"one of {NAN_POLICIES}")
+        require(r.remat in REMAT_POLICIES, "run.remat", r.remat, f"one of {REMAT_POLICIES}")
+        require(isinstance(r.collective_overlap, bool), "run.collective_overlap", r.collective_overlap, "true or false")
         for name in ("data", "fsdp", "tensor"):
             v = getattr(m, name)
-            _require(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{name}", v, "a positive integer or -1")
-        _require([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh", dataclasses.asdict(m), "at most one axis = -1")
+            require(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{name}", v, "a positive integer or -1")
+        require([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh", dataclasses.asdict(m), "at most one axis = -1")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "model": self.model.to_dict(),
                 **{k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS}}
-
-
-def _require(ok, field, value, allowed):
-    if not ok:
-        raise ConfigError(f"config field {field}={value!r} is invalid: must be {allowed}")
 
 
 def _build(raw: dict[str, Any]) -> TrainConfig:
@@ -139,33 +135,17 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
     return TrainConfig(model=model, model_type=model_type, **sections)
 
 
-def _field_owner(key: str, model_type: str) -> tuple[str, str]:
-    if key == "model_type":
-        return "", key
-    if "." in key:
-        section, field = key.split(".", 1)
-        return section, field
-    owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-    if key in {f.name for f in dataclasses.fields(family(model_type).config_cls)}:
-        owners.append("model")
-    if len(owners) != 1:
-        where = f"found in sections {owners}" if owners else "no section has it"
-        raise ConfigError(f"override '{key}': {where}; write it as section.{key}")
-    return owners[0], key
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    raw = {k: (v if k == "model_type" else dict(v or {})) for k, v in raw.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        section, field = _field_owner(key.strip(), raw.get("model_type", "swa_hsa"))
-        if section:
-            raw.setdefault(section, {})[field] = yaml.safe_load(value)
-        else:
-            raw[field] = yaml.safe_load(value)
-    return raw
+    """The run config's override syntax (hsa_jax.common.config.apply_overrides) over its sections; the
+    model section's fields are those of the model family named by `model_type`."""
+    model_type = raw.get("model_type", "swa_hsa")
+    for item in overrides:  # a model_type override changes which fields the model section has
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "model_type":
+            model_type = yaml.safe_load(value)
+    sections = {"": {"model_type"}, **{name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()},
+                "model": {f.name for f in dataclasses.fields(family(model_type).config_cls)}}
+    return common_overrides(raw, overrides, sections)
 
 
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> TrainConfig:

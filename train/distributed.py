@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from hsa_jax.config import ConfigError
+from hsa_jax.common.config import ConfigError
 
 
 class LaunchError(ConfigError):

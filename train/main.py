@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from data_pipeline import DataPipelineError
-from hsa_jax.config import ConfigError
+from hsa_jax.common.config import ConfigError
 from hsa_jax.registry import family
 from train import distributed
 from train.checkpoint import Checkpointer

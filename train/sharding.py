@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hsa_jax.config import ConfigError
+from hsa_jax.common.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 RULES = {

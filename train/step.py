@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hsa_jax.layers import batch_sharded
+from hsa_jax.common.layers import batch_sharded
+from hsa_jax.common.losses import token_logprobs
 
 from train.config import OptimConfig, TrainConfig
 
@@ -54,10 +55,8 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
 
 def token_nll(logits_NxTxV, labels_NxT):
     """Per-token negative log-likelihood (fp32) and the valid-token mask (labels >= 0)."""
-    valid = labels_NxT >= 0
-    logp = jax.nn.log_softmax(logits_NxTxV.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels_NxT, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, nll, 0.0), valid
+    lp, valid = token_logprobs(logits_NxTxV, labels_NxT)
+    return -lp, valid
 
 
 def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):

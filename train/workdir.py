@@ -18,7 +18,7 @@ import os
 import pathlib
 
 from data_pipeline import DirLock
-from hsa_jax.config import ConfigError
+from hsa_jax.common.config import ConfigError
 from hsa_jax.registry import family
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json")

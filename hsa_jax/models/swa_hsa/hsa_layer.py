@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from flax import nnx
 
-from hsa_jax.chunking import MEMORY_EPS
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.layers import Attention, Dense, RMSNorm, SwiGLU
+from hsa_jax.models.swa_hsa.chunking import MEMORY_EPS
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.common.layers import Attention, Dense, RMSNorm, SwiGLU
 from pallas_kernels import hsa_attention
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hsa_jax.layers import Dense, RMSNorm, SwiGLU, apply_rope, attention_backend
+from hsa_jax.common.layers import Dense, RMSNorm, SwiGLU, apply_rope, attention_backend
 from pallas_kernels.gca import gca_attention
 
 ALIBI_BLOCK = 256  # query rows per block of the banded ALiBi attention
@@ -93,7 +93,8 @@ def select_chunks(q_NxCxD, lmk_NxCxD, topk: int, noise_rng=None):
     noise when noise_rng is given) and weighs them by a softmax of their clean scores. Slots beyond the
     visible chunks carry weight 0; a row with nothing visible has all-zero weights (the original's
     NaN -> 0) and no NaN gradients.
-    Returns indices (N, C, K) int32, weights (N, C, K) fp32 and the masked scores (N, C, C)."""
+    Returns weights (N, C, K) fp32, indices (N, C, K) int32 (the order of every family's select_chunks)
+    and the masked scores (N, C, C)."""
     N, C, D = q_NxCxD.shape
     K = min(C, topk)
     s_NxCxC = jnp.einsum("ncd,njd->ncj", q_NxCxD.astype(jnp.float32), lmk_NxCxD.astype(jnp.float32)) / math.sqrt(D)
@@ -106,7 +107,7 @@ def select_chunks(q_NxCxD, lmk_NxCxD, topk: int, noise_rng=None):
     m = jax.lax.stop_gradient(jnp.max(jnp.where(ok, g, -jnp.inf), axis=-1, keepdims=True))
     e = jnp.where(ok, jnp.exp(g - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     denom = jnp.sum(e, axis=-1, keepdims=True)
-    return idx_NxCxK.astype(jnp.int32), e / jnp.where(denom > 0, denom, 1.0), masked
+    return e / jnp.where(denom > 0, denom, 1.0), idx_NxCxK.astype(jnp.int32), masked
 
 
 def gather_chunks(mem_NxCxLkxD, idx_NxRxK, heads: int):

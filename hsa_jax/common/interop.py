@@ -15,8 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-TIED_HEAD_KEY = "lm_head.weight"
-EMBED_KEY = "backbone.embeddings.weight"
+TIED_HEAD_KEY = "lm_head.weight"  # the LM head of both originals; with tied embeddings it is the embedding
+
+
+def _tied_keys(module: nnx.Module) -> tuple[bool, str | None]:
+    """(does the module tie an LM head to its embedding, the embedding's original key): a model class
+    names its embedding key as EMBED_KEY; any other module (a single layer) has no head."""
+    key = getattr(module, "EMBED_KEY", None)
+    return key is not None and bool(getattr(module.cfg, "tie_word_embeddings", False)), key
 
 
 class CheckpointMismatchError(ValueError):
@@ -73,13 +79,13 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> Non
             sd[k.replace("embedding.", "embeddings.")] = sd.pop(k)
             break
     targets = param_paths(model)
-    tied = getattr(model, "lm_head", True) is None
+    tied, embed_key = _tied_keys(model)
     if tied and TIED_HEAD_KEY in sd:
         # The tied head is the embedding itself; its own copy in the state_dict must agree.
         head = sd.pop(TIED_HEAD_KEY)
-        if EMBED_KEY in sd and not np.array_equal(head, sd[EMBED_KEY]):
+        if embed_key in sd and not np.array_equal(head, sd[embed_key]):
             raise CheckpointMismatchError(
-                f"tie_word_embeddings is true but {TIED_HEAD_KEY} differs from {EMBED_KEY}; "
+                f"tie_word_embeddings is true but {TIED_HEAD_KEY} differs from {embed_key}; "
                 "load it with tie_word_embeddings=false")
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
@@ -112,8 +118,9 @@ def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     for key, (path, transpose) in param_paths(model).items():
         value = np.asarray(flat[path][...], np.float32)
         out[key] = np.ascontiguousarray(value.T if transpose else value)
-    if getattr(model, "lm_head", True) is None:
-        out[TIED_HEAD_KEY] = out[EMBED_KEY]  # the original state_dict lists the tied head too
+    tied, embed_key = _tied_keys(model)
+    if tied:
+        out[TIED_HEAD_KEY] = out[embed_key]  # the original state_dict lists the tied head too
     return out
 
 

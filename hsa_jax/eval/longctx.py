@@ -1,34 +1,23 @@
-"""`hsa-eval`: RULER-style retrieval accuracy and perplexity over a sweep of context lengths.
+"""Long-context evaluation over any decoder: RULER-style task accuracy and perplexity by context length
+(the library of hsa-eval, hsa_jax/cli/evaluate.py).
 
 Every sample is built from a haystack window of the token index (window i of length L starts at i*L,
 clamped to total - L - 1, as the original's sequential LongRNNDataset), turned into a task by
-hsa_jax.ruler (as the original builds it), and scored as eval_ruler.py does: q ++ a is fed teacher
+hsa_jax.eval.ruler (as the original builds it), and scored as eval_ruler.py does: q ++ a is fed teacher
 forced through the cached decoder (segmented prefill), and a sample is a hit iff the argmax predicts
 every answer token but the final EOS. Perplexity at length L: mean NLL of windows of L + 1 tokens
 (all L predictions, and the second half alone: the tokens with at least L/2 of context).
-
-    hsa-eval --checkpoint runs/extrapolation_tiny --haystack runs/extrapolation_data/haystack \
-        --tokenizer bytes --tasks s_niah --lengths 512,4096,16384,32768 --samples 20 --out runs/eval
-    hsa-eval --weights model.safetensors --config config.json --tokenizer tokenizer.json \
-        --haystack /data/pile_neox_val --lengths 1K,4K,16K,64K,256K,1M --ppl
-
-Writes OUT/results.json and OUT/accuracy.png (accuracy vs length, one line per task); prints a table.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import pathlib
-import sys
 import time
 
-import jax
 import numpy as np
 
-from hsa_jax.generate import MODEL_TYPES, SET_HELP
-from hsa_jax.ruler import TASKS, RulerTasks, TextTokenizer, score
+from hsa_jax.eval.ruler import TASKS, RulerTasks, TextTokenizer, score
 
 
 def parse_length(text: str) -> int:
@@ -140,70 +129,3 @@ def plot(results: dict, lengths, path: pathlib.Path, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="hsa-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=pathlib.Path, help="hsa-train workdir (or checkpoints/ or a step dir)")
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--weights", type=pathlib.Path, help="converted original weights (with --config)")
-    p.add_argument("--config", type=pathlib.Path, help="original HF-style config.json")
-    p.add_argument("--model-type", choices=MODEL_TYPES, default="swa_hsa",
-                   help="model family of --weights/--config (default swa_hsa; checkpoints record theirs)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("--haystack", required=True, type=pathlib.Path, help="token index dir (hsa-preprocess build)")
-    p.add_argument("--tokenizer", default="bytes", help="'bytes' or the index's tokenizer.json")
-    p.add_argument("--tasks", default="s_niah", help=f"comma-separated, from {','.join(ALL_TASKS)}; '' for none")
-    p.add_argument("--lengths", default="512,4K,16K,32K", help="comma-separated context lengths (K/M suffixes)")
-    p.add_argument("--samples", type=int, default=20, help="samples per task and length")
-    p.add_argument("--ppl", action="store_true", help="also perplexity by length over the haystack")
-    p.add_argument("--ppl-samples", type=int, default=2)
-    p.add_argument("--segment", type=int, default=4096, help="prefill segment length")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/eval"))
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        from data_pipeline import TokenIndex
-        from hsa_jax.decode import make_decoder
-        from hsa_jax.generate import load_model
-
-        lengths = sorted(parse_length(x) for x in args.lengths.split(",") if x.strip())
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        bad = [t for t in tasks if t not in ALL_TASKS]
-        if bad:
-            raise ValueError(f"unknown tasks {bad}; available: {', '.join(ALL_TASKS)}")
-        if not lengths or min(lengths) < 64:
-            raise ValueError(f"--lengths {args.lengths}: need lengths >= 64")
-        index = TokenIndex(args.haystack)
-        tok = TextTokenizer.load(args.tokenizer)
-        model = load_model(checkpoint=args.checkpoint, weights=args.weights, config=args.config,
-                           model_type=args.model_type, step=args.step, settings=args.settings)
-        if index.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"haystack vocab {index.vocab_size} > model vocab {model.cfg.vocab_size}")
-        decoder = make_decoder(model, segment_len=args.segment)
-        t0 = time.perf_counter()
-        results = evaluate_tasks(decoder, index, tok, tasks, lengths, args.samples)
-        ppl = evaluate_ppl(decoder, index, lengths, args.ppl_samples) if args.ppl else None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"hsa-eval: error: {e}", file=sys.stderr)
-        return 2
-    table = format_table(results, ppl, lengths)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(args.checkpoint or args.weights), "haystack": str(args.haystack),
-              "tokenizer": args.tokenizer, "lengths": lengths, "samples": args.samples, "segment": args.segment,
-              "backend": jax.default_backend(), "seconds": time.perf_counter() - t0, "tasks": results,
-              "perplexity": ppl, "table": table}
-    (args.out / "results.json").write_text(json.dumps(record, indent=1))
-    if results:
-        plot(results, lengths, args.out / "accuracy.png", f"{args.checkpoint or args.weights}")
-    print(f"hsa-eval: wrote {args.out / 'results.json'}" + (f" and {args.out / 'accuracy.png'}" if results else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

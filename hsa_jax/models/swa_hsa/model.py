@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hsa_jax.chunking import ChunkingLayer
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.hsa_layer import HSALayer
-from hsa_jax.layers import Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks
-from hsa_jax.retrieval import RetrievalLayer
+from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
+from hsa_jax.common.layers import Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks
+from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
 
 
 def swa_block(cfg: SWAHSAConfig, rngs: nnx.Rngs, dtype) -> TransformerBlock:
@@ -39,6 +39,8 @@ class Backbone(nnx.Module):
 
 
 class SWAHSAForCausalLM(nnx.Module):
+    EMBED_KEY = "backbone.embeddings.weight"  # original key of the token embedding
+
     def __init__(self, cfg: SWAHSAConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         param_dtype = jnp.dtype(cfg.param_dtype)

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hsa_jax.chunking import MEMORY_EPS
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.layers import Dense, RMSNorm
+from hsa_jax.models.swa_hsa.chunking import MEMORY_EPS
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.common.layers import Dense, RMSNorm
 
 SOFTPLUS_THRESHOLD = 15.0  # torch F.softplus(x, threshold=15) returns x above it
 MASKED_SCORE = -1e7  # the original's stand-in for -inf before the slot softmax

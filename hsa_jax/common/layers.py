@@ -162,6 +162,10 @@ class Attention(nnx.Module):
         return self.o_proj(a.reshape(*u_NxTxD.shape[:2], self.heads * self.head_dim))
 
 
+ENCODER_NORM_EPS = 1e-6  # both originals build their chunk encoder from a fresh LlamaConfig: eps 1e-6 ...
+ENCODER_ROPE_THETA = 1e4  # ... and rope_theta 10000, whatever the model's own settings
+
+
 class TransformerBlock(nnx.Module):
     """Pre-norm block: h += attn(RMS(h)); h += MLP(dropout(RMS(h))). Serves as the SWA decoder layer
     (window=W) and as the chunk-encoder layer (window=None); the original names both the same way."""
@@ -217,3 +221,23 @@ def scan_blocks(blocks, h, body, *, remat: bool, collect: bool, scan: bool = Tru
     step = jax.checkpoint(step, prevent_cse=False) if remat else step
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
     return jax.lax.scan(step, h, stacked)
+
+
+class ChunkEncoder(nnx.Module):
+    """The chunk encoder of both families: bidirectional transformer blocks over one chunk (RoPE at
+    positions 0..P-1, theta ENCODER_ROPE_THETA) and a final RMSNorm. The family builds the blocks (its
+    own attention flavour); parameters are `layers.<i>.*` and `norm.weight`, as in both originals."""
+
+    def __init__(self, blocks: list[TransformerBlock], dim: int, head_dim: int, *, dtype):
+        self.layers = nnx.List(blocks)
+        self.norm = RMSNorm(dim, ENCODER_NORM_EPS, dtype=dtype)
+        self.head_dim = head_dim
+
+    def __call__(self, x_BxPxD, dropout_rng=None):
+        """x (B, P, D): B independent chunks -> (B, P, D). dropout_rng: the blocks' MLP-input dropout."""
+        positions = jnp.arange(x_BxPxD.shape[1])[None]
+        cos, sin = rope_cos_sin(positions, self.head_dim, ENCODER_ROPE_THETA, x_BxPxD.dtype)
+        for i, layer in enumerate(self.layers):
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            x_BxPxD = layer(x_BxPxD, cos, sin, window=None, dropout_rng=rng)
+        return self.norm(x_BxPxD)

@@ -38,31 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hsa_jax.chunking import ChunkingLayer
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.hsa_layer import HSALayer
-from hsa_jax.layers import TransformerBlock, rope_cos_sin
-from hsa_jax.retrieval import RetrievalLayer, select_chunks
+from hsa_jax.common.decoding import DEFAULT_SEGMENT, CacheCapacityError, check_prefill_args
+from hsa_jax.common.losses import token_logprobs
+from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
+from hsa_jax.common.layers import TransformerBlock, rope_cos_sin
+from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer, select_chunks
 from pallas_kernels import hsa_attention
-
-LOGITS_MODES = ("all", "last", "none")
-
-
-def check_prefill_args(ids, logits: str) -> np.ndarray:
-    """Validates the decoder interface's prefill arguments (shared by every model family's decoder);
-    -> ids as an (N, T) array."""
-    if logits not in LOGITS_MODES:
-        raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape[1] < 1:
-        raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
-    return ids
-DEFAULT_SEGMENT = 4096
-
-
-class CacheCapacityError(ValueError):
-    """The cache cannot hold the tokens asked for (chunk memory capacity, or batch size mismatch)."""
-
 
 @dataclasses.dataclass
 class DecodeCache:
@@ -232,10 +215,7 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
     head = model.backbone.embeddings.attend if model.lm_head is None else model.lm_head
     logits = head(h).astype(jnp.float32)
     if mode == "nll":
-        valid = labels_NxL >= 0
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        lp = jnp.take_along_axis(logp, jnp.where(valid, labels_NxL, 0)[..., None], axis=-1)[..., 0]
-        return jnp.where(valid, lp, 0.0), new_cache
+        return token_logprobs(logits, labels_NxL)[0], new_cache
     return logits, new_cache
 
 
@@ -361,10 +341,3 @@ class SWAHSADecoder:
         out, arrays = self._run(cache.arrays, tokens, 1, np.full(tokens.shape, -1, np.int32), "last",
                                 self.step_hsa_impl)
         return out, DecodeCache(arrays, cache.pos + 1, cache.capacity, cache.batch)
-
-
-def make_decoder(model, **kwargs):
-    """The cached decoder of a model (dispatch point for other model families)."""
-    if hasattr(model, "make_decoder"):
-        return model.make_decoder(**kwargs)
-    return SWAHSADecoder(model, **kwargs)

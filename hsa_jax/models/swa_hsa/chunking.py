@@ -8,41 +8,27 @@ t >= (c+1)*S.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hsa_jax.config import SWAHSAConfig
-from hsa_jax.layers import Attention, Dense, RMSNorm, SwiGLU, TransformerBlock, param, rope_cos_sin
+from hsa_jax.models.swa_hsa.config import SWAHSAConfig
+from hsa_jax.common.layers import (ENCODER_NORM_EPS, Attention, ChunkEncoder, Dense, RMSNorm, SwiGLU,
+                                   TransformerBlock, param)
 
-ENCODER_EPS = 1e-6  # the original builds the encoder from LlamaConfig defaults, whatever the model's eps
-ENCODER_ROPE_THETA = 1e4
 MEMORY_EPS = 1e-6  # Liger's default: the original passes no eps to the chunking/retrieval/HSA norms
 
 
-class ChunkEncoder(nnx.Module):
-    """Qwen2-style bidirectional transformer over one chunk (q/k/v biases, per-head q/k norms)."""
+def chunk_encoder(cfg: SWAHSAConfig, rngs: nnx.Rngs, dtype) -> ChunkEncoder:
+    """The original's encoder: Qwen2-style blocks (q/k/v biases, per-head q/k norms, MLP-input dropout)."""
+    D, std = cfg.hidden_size, cfg.initializer_range
 
-    def __init__(self, cfg: SWAHSAConfig, rngs: nnx.Rngs, dtype):
-        D, std = cfg.hidden_size, cfg.initializer_range
+    def block():
+        attn = Attention(D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hsa_head_dim,
+                         norm_eps=ENCODER_NORM_EPS, qkv_bias=True, o_bias=False, std=std, rngs=rngs, dtype=dtype)
+        mlp = SwiGLU(D, cfg.encoder_intermediate_size, std=std, rngs=rngs, dtype=dtype)
+        return TransformerBlock(attn, mlp, D, ENCODER_NORM_EPS, dropout=cfg.encoder_dropout, dtype=dtype)
 
-        def block():
-            attn = Attention(D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hsa_head_dim,
-                             norm_eps=ENCODER_EPS, qkv_bias=True, o_bias=False, std=std, rngs=rngs, dtype=dtype)
-            mlp = SwiGLU(D, cfg.encoder_intermediate_size, std=std, rngs=rngs, dtype=dtype)
-            return TransformerBlock(attn, mlp, D, ENCODER_EPS, dropout=cfg.encoder_dropout, dtype=dtype)
-
-        self.layers = nnx.List([block() for _ in range(cfg.encoder_layers)])
-        self.norm = RMSNorm(D, ENCODER_EPS, dtype=dtype)
-        self.head_dim = cfg.hsa_head_dim
-
-    def __call__(self, x_BxPxD, dropout_rng=None):
-        positions = jnp.arange(x_BxPxD.shape[1])[None]
-        cos, sin = rope_cos_sin(positions, self.head_dim, ENCODER_ROPE_THETA, x_BxPxD.dtype)
-        for i, layer in enumerate(self.layers):
-            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x_BxPxD = layer(x_BxPxD, cos, sin, window=None, dropout_rng=rng)
-        return self.norm(x_BxPxD)
+    return ChunkEncoder([block() for _ in range(cfg.encoder_layers)], D, cfg.hsa_head_dim, dtype=dtype)
 
 
 class ChunkingLayer(nnx.Module):
@@ -50,7 +36,7 @@ class ChunkingLayer(nnx.Module):
         D, std, H, hd = cfg.hidden_size, cfg.initializer_range, cfg.num_kv_heads, cfg.hsa_head_dim
         self.cfg = cfg
         self.cls_emb = param(rngs, (1, 1, D), std, axes=(None, None, "embed"), dtype=dtype) if cfg.enable_enc_cls else None
-        self.encoder = ChunkEncoder(cfg, rngs, dtype) if cfg.encoder_layers > 0 else None
+        self.encoder = chunk_encoder(cfg, rngs, dtype) if cfg.encoder_layers > 0 else None
         self.enc_prenorm = RMSNorm(D, MEMORY_EPS, dtype=dtype) if cfg.enc_prenorm else None
         self.norm = RMSNorm(D, MEMORY_EPS, dtype=dtype) if cfg.encoder_layers == 0 else None
         self.proj_k = Dense(D, H * hd, axes=("embed", "kv_heads"), std=std, rngs=rngs, dtype=dtype)
