@@ -178,8 +178,11 @@ class TransformerBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(dim, norm_eps, dtype=dtype)
         self.dropout = dropout
 
-    def __call__(self, h_NxTxD, cos, sin, window: int | None, dropout_rng=None):
-        h = h_NxTxD + self.self_attn(self.input_layernorm(h_NxTxD), cos, sin, window)
+    def __call__(self, h_NxTxD, cos, sin, window: int | None, dropout_rng=None, attend=None):
+        """attend(attn, u) -> attention output: replaces self_attn(u, cos, sin, window), e.g. by attention
+        over a decoding cache; the residual and MLP rules stay here."""
+        u = self.input_layernorm(h_NxTxD)
+        h = h_NxTxD + (self.self_attn(u, cos, sin, window) if attend is None else attend(self.self_attn, u))
         z = self.post_attention_layernorm(h)
         if self.dropout and dropout_rng is not None:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, z.shape)

@@ -44,8 +44,7 @@ from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
 from hsa_jax.common.layers import TransformerBlock, rope_cos_sin
-from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer, select_chunks
-from pallas_kernels import hsa_attention
+from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
 
 @dataclasses.dataclass
 class DecodeCache:
@@ -71,7 +70,7 @@ def _attn_layers(model) -> dict[int, tuple]:
         if isinstance(layer, TransformerBlock):
             out[i] = (layer.self_attn, cfg.sliding_window)
         elif isinstance(layer, HSALayer) and layer.attn is not None:
-            out[i] = (layer.attn, cfg.hsa_sliding_window or cfg.sliding_window)
+            out[i] = (layer.attn, layer.swa_window)
     return out
 
 
@@ -175,35 +174,24 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
     ids = jnp.where(ids_NxL < 0, cfg.pad_token_id, ids_NxL)
     h = model.backbone.embeddings(ids, dtype)
     new_attn = {}
+
+    def cached(key, window):  # the layers' `attend` hook: SWA over [ring ++ segment], ring refreshed
+        def attend(attn, u):
+            out, kv = _cached_swa(attn, u, cos, sin, cache["attn"][key], P, positions, window, swa_block)
+            new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
+            return out
+        return attend
+
     for i, layer in enumerate(model.backbone.layers):
         key = str(i)
         if isinstance(layer, TransformerBlock):
-            a, kv = _cached_swa(layer.self_attn, layer.input_layernorm(h), cos, sin, cache["attn"][key], P,
-                                positions, cfg.sliding_window, swa_block)
-            new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
-            h = h + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer(h, cos, sin, cfg.sliding_window, attend=cached(key, cfg.sliding_window))
         elif isinstance(layer, ChunkingLayer):
             buf, mem_k, mem_v, lmk = _update_memory(layer, cache, h, P, n, J)
         elif isinstance(layer, RetrievalLayer):
-            pos_decay = None if layer.pos_decay is None else layer.pos_decay[...][0]
-            weights, indices = select_chunks(layer.scores(h, lmk), positions, cfg, pos_decay=pos_decay)
+            weights, indices = layer(h, lmk, positions)
         elif isinstance(layer, HSALayer):
-            if layer.attn is not None:
-                a, kv = _cached_swa(layer.attn, layer.swa_prenorm(h), cos, sin, cache["attn"][key], P, positions,
-                                    cfg.hsa_sliding_window or cfg.sliding_window, swa_block)
-                new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
-                h = h + a
-            if cfg.skip_hsa:
-                continue
-            q = layer.q_proj(layer.pre_norm(h)).reshape(N, L, cfg.num_attention_heads, cfg.hsa_head_dim)
-            if layer.q_norm is not None:
-                q = layer.q_norm(q)
-            o = hsa_attention(q, mem_k.astype(q.dtype), mem_v.astype(q.dtype), weights, indices,
-                              chunk_size=S, sm_n=cfg.sm_n, impl=hsa_impl)
-            o = layer.o_proj(o.reshape(N, L, cfg.hidden_size))
-            m = layer._mlp(layer._mlp_norm(h + o))
-            h = h + o + m if cfg.reset_hsa_residual else h + m
+            h = layer(h, mem_k, mem_v, weights, indices, cos, sin, attend=cached(key, layer.swa_window), impl=hsa_impl)
         else:
             raise TypeError(f"unexpected backbone layer {type(layer).__name__}")
     new_cache = {"pos": P + n, "attn": new_attn, "buf": buf, "mem_k": mem_k, "mem_v": mem_v, "lmk": lmk}

@@ -35,11 +35,19 @@ class HSALayer(nnx.Module):
         self.q_proj = Dense(D, D, axes=("embed", "heads"), std=std, rngs=rngs, dtype=dtype)
         self.o_proj = Dense(D, D, axes=("heads", "embed"), std=std, rngs=rngs, dtype=dtype)
 
-    def __call__(self, h_NxTxD, mem_k_NxLxHxd, mem_v_NxLxHxd, w_NxTxHxK, idx_NxTxHxK, cos, sin):
+    @property
+    def swa_window(self) -> int:
+        return self.cfg.hsa_sliding_window or self.cfg.sliding_window
+
+    def __call__(self, h_NxTxD, mem_k_NxLxHxd, mem_v_NxLxHxd, w_NxTxHxK, idx_NxTxHxK, cos, sin, *, attend=None,
+                 impl: str | None = None):
+        """attend(attn, u): replaces the layer's own SWA attn(u, cos, sin, window) (the decoder's cached
+        attention); impl: the HSA backend (default cfg.hsa_impl). Queries may be fewer than memory rows."""
         cfg = self.cfg
         if self.attn is not None:
-            h_NxTxD = h_NxTxD + self.attn(self.swa_prenorm(h_NxTxD), cos, sin,
-                                          window=cfg.hsa_sliding_window or cfg.sliding_window)
+            u = self.swa_prenorm(h_NxTxD)
+            h_NxTxD = h_NxTxD + (self.attn(u, cos, sin, window=self.swa_window) if attend is None
+                                 else attend(self.attn, u))
         if cfg.skip_hsa:
             return h_NxTxD
         N, T, D = h_NxTxD.shape
@@ -47,7 +55,7 @@ class HSALayer(nnx.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         o = hsa_attention(q, mem_k_NxLxHxd.astype(q.dtype), mem_v_NxLxHxd.astype(q.dtype), w_NxTxHxK,
-                          idx_NxTxHxK, chunk_size=cfg.chunk_size, sm_n=cfg.sm_n, impl=cfg.hsa_impl)
+                          idx_NxTxHxK, chunk_size=cfg.chunk_size, sm_n=cfg.sm_n, impl=impl or cfg.hsa_impl)
         o = self.o_proj(o.reshape(N, T, D))
         m = self._mlp(self._mlp_norm(h_NxTxD + o))
         return h_NxTxD + o + m if cfg.reset_hsa_residual else h_NxTxD + m
