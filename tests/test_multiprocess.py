@@ -33,21 +33,29 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "PYTHONUNBUFFERED": "1"}
+    launch_vars = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
+    return {**{k: v for k, v in os.environ.items() if k not in launch_vars}, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(workdir, overrides, processes: int, devices: int, log_dir: pathlib.Path) -> list[subprocess.Popen]:
-    base = [sys.executable, "-m", "train.main", *MODEL, f"workdir={workdir}", *overrides]
+def launch(workdir, overrides, processes: int, devices: int, log_dir: pathlib.Path,
+           via_env: bool = False) -> list[subprocess.Popen]:
+    """Starts the processes of one run: the launch flags, or (via_env) JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID as a cluster script would set them."""
+    base = [sys.executable, "-m", "train.main", "--init-timeout", "120", *MODEL, f"workdir={workdir}", *overrides]
     port = free_port()
     procs = []
     for i in range(processes):
-        flags = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i),
-                 "--init-timeout", "120"] if processes > 1 else []
+        flags, extra = [], {}
+        if processes > 1 and via_env:
+            extra = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(processes),
+                     "JAX_PROCESS_ID": str(i)}
+        elif processes > 1:
+            flags = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)]
         path = log_dir / f"{pathlib.Path(workdir).name}-{i}.log"
         with open(path, "w") as out:
-            proc = subprocess.Popen([*base[:3], *flags, *base[3:]], cwd=REPO, env=env(devices), stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([*base[:3], *flags, *base[3:]], cwd=REPO, env={**env(devices), **extra},
+                                    stdout=out, stderr=subprocess.STDOUT)
         proc.log_path = path
         procs.append(proc)
     return procs
@@ -114,7 +122,7 @@ def test_two_processes_train_like_one(reference, tmp_path):
 
 def test_sigterm_to_one_process_stops_both_then_resumes_on_one(reference, tmp_path):
     workdir = tmp_path / "run"
-    procs = launch(workdir, ["steps=10", "eval_every=100", "checkpoint_every=100"], 2, 2, tmp_path)
+    procs = launch(workdir, ["steps=10", "eval_every=100", "checkpoint_every=100"], 2, 2, tmp_path, via_env=True)
     deadline = time.time() + TIMEOUT
     try:
         while time.time() < deadline and 3 not in (losses(workdir) if (workdir / "metrics.jsonl").exists() else {}):

@@ -162,3 +162,24 @@ def test_bad_overrides_and_mesh_sizes(tmp_path):
         small(tmp_path, "steps")
     with pytest.raises(ConfigError, match="needs 6 devices, 8 are available"):
         make_mesh(2, 3, 1)
+
+
+def test_sharding_rules_are_data_and_unsharded_dimensions_are_reported(tmp_path):
+    from train.sharding import merge_rules, param_shardings, unsharded_report
+    cfg = small(tmp_path, "mesh.rules={embed: null, vocab: fsdp}")
+    assert cfg.mesh.rules == {"embed": None, "vocab": "fsdp"}
+    _, _, state = init_state(cfg, make_mesh(1, 8, 1))
+    emb = state["params"]["backbone"]["embeddings"]["embedding"][...]  # (vocab 257, embed 64)
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, None)  # vocab 257 does not divide by 8
+    q = state["params"]["backbone"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]  # (embed, heads)
+    assert q.sharding.spec[0] is None  # embed: null overrides the default fsdp
+    report = unsharded_report(state["params"], make_mesh(1, 8, 1), merge_rules(cfg.mesh.rules))
+    assert report == ["backbone.embeddings.embedding: dim 0 (size 257, logical axis vocab) not divisible by "
+                      "mesh axis fsdp (8)",
+                      "lm_head.kernel: dim 1 (size 257, logical axis vocab) not divisible by mesh axis fsdp (8)"]
+    default = param_shardings(state["params"], make_mesh(1, 8, 1))
+    assert default["backbone"]["layers"][0]["self_attn"]["q_proj"]["kernel"].value.spec[0] == "fsdp"
+    with pytest.raises(ConfigError, match="mesh.rules has unknown logical axis 'embd'"):
+        small(tmp_path, "mesh.rules={embd: fsdp}")
+    with pytest.raises(ConfigError, match=r"mesh.rules.vocab='pipeline' is invalid"):
+        small(tmp_path, "mesh.rules={vocab: pipeline}")

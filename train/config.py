@@ -22,6 +22,7 @@ import yaml
 from hsa_jax.common.config import ConfigError, require, typed_fields
 from hsa_jax.common.config import apply_overrides as common_overrides
 from hsa_jax.registry import family
+from train.sharding import merge_rules
 
 DATA_MODES = ("random", "across_docs", "sequential")
 NAN_POLICIES = ("skip", "stop")
@@ -56,6 +57,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    rules: dict | None = None  # logical axis -> mesh axis or null, over train/sharding.py RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,9 @@ class TrainConfig:
             v = getattr(m, name)
             require(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{name}", v, "a positive integer or -1")
         require([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh", dataclasses.asdict(m), "at most one axis = -1")
+        require(m.rules is None or isinstance(m.rules, dict), "mesh.rules", m.rules,
+                "a mapping of logical axis to mesh axis, e.g. {vocab: fsdp}")
+        merge_rules(m.rules)  # unknown axis names fail here, before any work
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "model": self.model.to_dict(),

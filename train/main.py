@@ -32,7 +32,8 @@ from train import distributed
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, load_config
 from train.flops import peak_flops_per_device, train_flops_per_token
-from train.sharding import batch_sharding, global_batch, make_mesh, param_shardings, place, replicate, replicated
+from train.sharding import (batch_sharding, global_batch, make_mesh, merge_rules, param_shardings, place, replicate,
+                            replicated, unsharded_report)
 from train.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
 from train.workdir import Workdir, stamp
 from train.xla_flags import add_overlap_flags
@@ -59,7 +60,7 @@ def init_params(cfg: TrainConfig, mesh):
         host = jax.local_devices()[0]
     with jax.default_device(host):
         graphdef, params = nnx.split(model_cls(cfg.model, rngs=nnx.Rngs(cfg.run.seed)), nnx.Param)
-    return graphdef, jax.tree.map(place, params, param_shardings(params, mesh))
+    return graphdef, jax.tree.map(place, params, param_shardings(params, mesh, merge_rules(cfg.mesh.rules)))
 
 
 def init_state(cfg: TrainConfig, mesh):
@@ -155,6 +156,10 @@ def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
         check_vocab(path, cfg.model.vocab_size)
 
     graphdef, tx, state = init_state(cfg, mesh)
+    left = unsharded_report(state["params"], mesh, merge_rules(cfg.mesh.rules))
+    if left:
+        log(f"sharding: {len(left)} parameter dimension(s) left replicated (size not divisible): "
+            + "; ".join(left[:5]) + (f"; ... ({len(left) - 5} more)" if len(left) > 5 else ""))
     rng_data = replicate(jax.random.key_data(jax.random.key(cfg.run.seed)), mesh)
     epoch_steps = (manifest["total_tokens"] - 1) // cfg.data.seq_len // cfg.data.global_batch_size
     if cfg.data.mode == "sequential" and cfg.run.steps > epoch_steps:

@@ -1,7 +1,9 @@
 """Device mesh and logical-axis sharding rules (MaxText style).
 
-Parameters carry logical axis names (hsa_jax/layers.py); RULES maps each name to a mesh axis.
-An axis whose size does not divide the dimension is left replicated for that parameter.
+Parameters carry logical axis names (hsa_jax/common/layers.py); RULES maps each name to a mesh axis, and a run
+config's `mesh.rules` overrides entries (e.g. `mesh.rules={vocab: fsdp}`). An axis whose size does not
+divide the dimension is left replicated for that parameter; `unsharded_report` lists those cases so a
+run says what it could not shard.
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ RULES = {
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 
+def merge_rules(overrides: dict | None) -> dict:
+    """RULES with a run config's overrides; ConfigError for an unknown logical or mesh axis."""
+    rules = dict(RULES)
+    for name, axis in (overrides or {}).items():
+        if name not in RULES:
+            raise ConfigError(f"config field mesh.rules has unknown logical axis {name!r}; allowed: "
+                              f"{sorted(k for k in RULES if k)}")
+        if axis is not None and axis not in MESH_AXES:
+            raise ConfigError(f"config field mesh.rules.{name}={axis!r} is invalid: must be one of {MESH_AXES} "
+                              f"or null (replicated)")
+        rules[name] = axis
+    return rules
+
+
 def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); one axis may be -1 (fill)."""
     devices = list(jax.devices() if devices is None else devices)
@@ -39,20 +55,33 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def spec_for(shape, logical_axes, mesh: Mesh) -> P:
+def spec_for(shape, logical_axes, mesh: Mesh, rules: dict = RULES) -> P:
     axes = tuple(logical_axes) if logical_axes else (None,) * len(shape)
     out = []
     for dim, name in zip(shape, axes):
-        mesh_axis = RULES.get(name)
+        mesh_axis = rules.get(name)
         out.append(mesh_axis if mesh_axis and dim % mesh.shape[mesh_axis] == 0 else None)
     return P(*out)
 
 
-def param_shardings(params: nnx.State, mesh: Mesh):
+def param_shardings(params: nnx.State, mesh: Mesh, rules: dict = RULES):
     """NamedSharding for every parameter, from its `logical_axes` metadata."""
     def one(var):
-        return var.replace(NamedSharding(mesh, spec_for(var.shape, getattr(var, "logical_axes", None), mesh)))
+        return var.replace(NamedSharding(mesh, spec_for(var.shape, getattr(var, "logical_axes", None), mesh, rules)))
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def unsharded_report(params: nnx.State, mesh: Mesh, rules: dict = RULES) -> list[str]:
+    """'path: dim i (size n, logical axis a) not divisible by mesh axis m (k)' for every parameter
+    dimension that a rule shards but whose size does not divide, so it stays replicated."""
+    out = []
+    for path, var in nnx.to_flat_state(params):
+        for i, (dim, name) in enumerate(zip(var.shape, getattr(var, "logical_axes", None) or ())):
+            axis = rules.get(name)
+            if axis and mesh.shape[axis] > 1 and dim % mesh.shape[axis]:
+                out.append(f"{'.'.join(map(str, path))}: dim {i} (size {dim}, logical axis {name}) not divisible "
+                           f"by mesh axis {axis} ({mesh.shape[axis]})")
+    return out
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
