@@ -59,13 +59,13 @@ def token_nll(logits_NxTxV, labels_NxT):
     return -lp, valid
 
 
-def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
-    """-> train_step(state, batch_ids (B, L+1) int32, rng) -> (state, metrics). Gradients are
+def make_loss_and_grads(graphdef, cfg: TrainConfig, mesh=None):
+    """-> loss_and_grads(params, batch_ids (B, L+1) int32, rng) -> (loss, grads). Gradients are
     accumulated over `grad_accum` micro-batches; the loss is the mean over all valid tokens of the
     global batch, so accumulation equals one big batch. With a mesh, activations are kept split over
     the batch axes only."""
     from train.sharding import BATCH_AXES
-    A, remat, nan_policy = cfg.optim.grad_accum, cfg.run.remat == "layer", cfg.run.nan_policy
+    A, remat = cfg.optim.grad_accum, cfg.run.remat == "layer"
 
     def nll_sum(params, ids, rng, total_valid):
         model = nnx.merge(graphdef, params)
@@ -74,8 +74,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
         nll, _ = token_nll(logits, ids[:, 1:])
         return jnp.sum(nll) / total_valid
 
-    def train_step(state, ids_BxL1, rng):
-        params = state["params"]
+    def loss_and_grads(params, ids_BxL1, rng):
         total_valid = jnp.maximum(jnp.sum(ids_BxL1[:, 1:] >= 0), 1).astype(jnp.float32)
         micro = ids_BxL1.reshape(A, ids_BxL1.shape[0] // A, ids_BxL1.shape[1])
 
@@ -87,6 +86,19 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (micro, jnp.arange(A)))
+        return loss, grads
+
+    return loss_and_grads
+
+
+def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
+    """-> train_step(state, batch_ids (B, L+1) int32, rng) -> (state, metrics): `make_loss_and_grads`,
+    then clipping + AdamW; a non-finite loss or gradient drops the update (run.nan_policy=skip)."""
+    loss_and_grads, nan_policy = make_loss_and_grads(graphdef, cfg, mesh), cfg.run.nan_policy
+
+    def train_step(state, ids_BxL1, rng):
+        params = state["params"]
+        loss, grads = loss_and_grads(params, ids_BxL1, rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
