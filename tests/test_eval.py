@@ -271,8 +271,30 @@ def test_hsa_eval_end_to_end(tiny_model, tmp_path, capsys):
     assert "s_niah" in printed and "passkey" in printed and "1K" in printed and "ppl" in printed
     record = json.loads((out / "results.json").read_text())
     assert set(record["tasks"]) == {"s_niah", "passkey"} and record["lengths"] == [256, 1024]
-    assert record["tasks"]["s_niah"]["1024"]["samples"] == 2
+    assert record["tasks"]["s_niah"]["1024"]["samples"] == 2 and record["seed"] == 0
+    lo, hi = record["tasks"]["s_niah"]["1024"]["wilson95"]
+    assert 0 <= lo <= record["tasks"]["s_niah"]["1024"]["accuracy"] <= hi <= 1
     assert 1.0 < record["perplexity"]["256"]["ppl"] < 1e4
     assert (out / "accuracy.png").stat().st_size > 1000
     assert evaluate.main(["--weights", "x", "--config", "y", "--haystack", str(paths["haystack"]),
                           "--tasks", "nope"]) == 2
+    assert evaluate.main(["--weights", "x", "--config", "y", "--haystack", str(paths["haystack"]),
+                          "--samples", "0"]) == 2
+
+
+def test_eval_seed_draws_fresh_windows_and_wilson_intervals():
+    from hsa_jax.eval.longctx import wilson, window_starts
+    # Seed 0: the consecutive windows of every earlier evaluation (last one clamped to the end).
+    assert window_starts(10_000, 1000, 12, seed=0) == [min(i * 1000, 10_000 - 1001) for i in range(12)]
+    a, b, c = (window_starts(10**6, 4096, 50, seed=s) for s in (1, 1, 2))
+    assert a == b and a != c  # reproducible per seed, different across seeds
+    assert all(0 <= x <= 10**6 - 4097 for x in a + c) and len(set(a)) > 40
+    with pytest.raises(ValueError, match="fewer than a window"):
+        window_starts(1000, 1000, 1)
+    # Known values of the 95% Wilson interval.
+    lo, hi = wilson(0, 20)
+    assert lo == 0.0 and abs(hi - 0.1611) < 1e-3
+    lo, hi = wilson(18, 20)
+    assert abs(lo - 0.6990) < 1e-3 and abs(hi - 0.9721) < 1e-3
+    lo, hi = wilson(20, 20)
+    assert abs(lo - 0.8389) < 1e-3 and abs(hi - 1.0) < 1e-12

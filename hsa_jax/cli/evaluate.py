@@ -41,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="s_niah", help=f"comma-separated, from {','.join(ALL_TASKS)}; '' for none")
     p.add_argument("--lengths", default="512,4K,16K,32K", help="comma-separated context lengths (K/M suffixes)")
     p.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    p.add_argument("--seed", type=int, default=0,
+                   help="which haystack windows are drawn (and so the needle positions and keys): 0 (default) "
+                        "takes consecutive windows from the index start, as earlier evaluations did; any other "
+                        "seed draws fresh windows uniformly")
     p.add_argument("--ppl", action="store_true", help="also perplexity by length over the haystack")
     p.add_argument("--ppl-samples", type=int, default=2)
     p.add_argument("--segment", type=int, default=4096, help="prefill segment length")
@@ -59,6 +63,8 @@ def _main(args) -> int:
     bad = [t for t in tasks if t not in ALL_TASKS]
     if bad:
         raise ConfigError(f"--tasks: unknown tasks {bad}; available: {', '.join(ALL_TASKS)}")
+    if args.samples < 1 or args.ppl_samples < 1:
+        raise ConfigError(f"--samples={args.samples} / --ppl-samples={args.ppl_samples}: must be >= 1")
     if not lengths or min(lengths) < 64:
         raise ConfigError(f"--lengths {args.lengths}: need lengths >= 64")
     index = TokenIndex(args.haystack)
@@ -68,13 +74,14 @@ def _main(args) -> int:
         raise ConfigError(f"--haystack {args.haystack}: vocab {index.vocab_size} > model vocab {model.cfg.vocab_size}")
     decoder = make_decoder(model, segment_len=args.segment)
     t0 = time.perf_counter()
-    results = evaluate_tasks(decoder, index, tok, tasks, lengths, args.samples)
-    ppl = evaluate_ppl(decoder, index, lengths, args.ppl_samples) if args.ppl else None
+    results = evaluate_tasks(decoder, index, tok, tasks, lengths, args.samples, seed=args.seed)
+    ppl = evaluate_ppl(decoder, index, lengths, args.ppl_samples, seed=args.seed) if args.ppl else None
     table = format_table(results, ppl, lengths)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"model": str(args.checkpoint or args.weights), "haystack": str(args.haystack),
-              "tokenizer": args.tokenizer, "lengths": lengths, "samples": args.samples, "segment": args.segment,
+              "tokenizer": args.tokenizer, "lengths": lengths, "samples": args.samples, "seed": args.seed,
+              "segment": args.segment,
               "backend": jax.default_backend(), "seconds": time.perf_counter() - t0, "tasks": results,
               "perplexity": ppl, "table": table}
     (args.out / "results.json").write_text(json.dumps(record, indent=1))

@@ -37,12 +37,29 @@ def build_task(builder: RulerTasks, name: str, haystack) -> "object":
     return DEMO_TASKS[name](builder, haystack) if name in DEMO_TASKS else builder.build(name, haystack)
 
 
-def haystack_window(index, i: int, L: int) -> np.ndarray:
-    if index.total_tokens < L + 2:
-        raise ValueError(f"the haystack index {index.directory} has {index.total_tokens} tokens, fewer than "
-                         f"a window of {L}")
-    start = min(i * L, index.total_tokens - L - 1)
+def window_starts(total_tokens: int, L: int, samples: int, seed: int = 0) -> list[int]:
+    """Where the haystack windows of L tokens start. seed 0: consecutive windows from the start of the
+    index (the samples of every earlier evaluation); another seed: uniform draws, i.e. fresh samples
+    (needle positions and keys follow from each window's tokens, as the original's seeding does)."""
+    if total_tokens < L + 2:
+        raise ValueError(f"the haystack index has {total_tokens} tokens, fewer than a window of {L}")
+    last = total_tokens - L - 1
+    if seed == 0:
+        return [min(i * L, last) for i in range(samples)]
+    return np.random.default_rng([seed, L]).integers(0, last + 1, size=samples).tolist()
+
+
+def haystack_window(index, start: int, L: int) -> np.ndarray:
     return index.read(start, L).astype(np.int64)
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a hit rate (sound at 0 and n hits, unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
 def run_task(decoder, task, *, capacity=None):
@@ -56,7 +73,8 @@ def run_task(decoder, task, *, capacity=None):
     return score(np.asarray(logits[0]), task)
 
 
-def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: int, log=print) -> dict:
+def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: int, log=print,
+                   seed: int = 0) -> dict:
     builder = RulerTasks(tok)
     results = {}
     for name in tasks:
@@ -64,21 +82,23 @@ def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: 
         for L in lengths:
             t0 = time.perf_counter()
             hits = 0
-            for i in range(samples):
-                hits += run_task(decoder, build_task(builder, name, haystack_window(index, i, L)))
+            for start in window_starts(index.total_tokens, L, samples, seed):
+                hits += run_task(decoder, build_task(builder, name, haystack_window(index, start, L)))
             dt = time.perf_counter() - t0
-            results[name][str(L)] = {"accuracy": hits / samples, "hits": hits, "samples": samples, "seconds": dt}
-            log(f"hsa-eval: {name} L={L}: {hits}/{samples} ({dt:.1f} s)")
+            lo, hi = wilson(hits, samples)
+            results[name][str(L)] = {"accuracy": hits / samples, "hits": hits, "samples": samples,
+                                     "wilson95": [lo, hi], "seed": seed, "seconds": dt}
+            log(f"hsa-eval: {name} L={L}: {hits}/{samples} (95% CI {100 * lo:.0f}-{100 * hi:.0f}%, {dt:.1f} s)")
     return results
 
 
-def evaluate_ppl(decoder, index, lengths, samples: int, log=print) -> dict:
+def evaluate_ppl(decoder, index, lengths, samples: int, log=print, seed: int = 0) -> dict:
     out = {}
     for L in lengths:
         t0 = time.perf_counter()
         nll, nll_tail, n, n_tail = 0.0, 0.0, 0, 0
-        for i in range(samples):
-            w = haystack_window(index, i, L + 1)[None]
+        for start in window_starts(index.total_tokens, L + 1, samples, seed):
+            w = haystack_window(index, start, L + 1)[None]
             lp, _ = decoder.prefill(w[:, :-1], labels=w[:, 1:], capacity=L)
             lp = -np.asarray(lp[0], np.float64)
             nll, n = nll + lp.sum(), n + L
@@ -91,8 +111,8 @@ def evaluate_ppl(decoder, index, lengths, samples: int, log=print) -> dict:
 
 def format_table(results: dict, ppl: dict | None, lengths) -> str:
     head = ["task"] + [_fmt_len(L) for L in lengths]
-    rows = [[name] + [f"{100 * r[str(L)]['accuracy']:.1f}%" if str(L) in r else "-" for L in lengths]
-            for name, r in results.items()]
+    cell = lambda x: f"{100 * x['accuracy']:.1f}% [{100 * x['wilson95'][0]:.0f}-{100 * x['wilson95'][1]:.0f}]"
+    rows = [[name] + [cell(r[str(L)]) if str(L) in r else "-" for L in lengths] for name, r in results.items()]
     if ppl:
         rows.append(["ppl"] + [f"{ppl[str(L)]['ppl']:.3f}" if str(L) in ppl else "-" for L in lengths])
         rows.append(["ppl (2nd half)"] + [f"{ppl[str(L)]['ppl_second_half']:.3f}" if str(L) in ppl else "-"
