@@ -1,6 +1,7 @@
 """Pure-jnp reference of the HSA (hierarchical sparse attention) op: the oracle for every kernel test.
 
-Math (spec §2.2), for query token l, query head h, retrieval row b = l // Q, kv head e = h // G, slot k:
+Math (docs/model_math.md "HSA op"), for query token l, query head h, retrieval row b = l // Q,
+kv head e = h // G, slot k:
     c = indices[n, b, e, k],  w = weights[n, b, e, k]
     x_j = scale * q[n, l, h] . key[n, c*S + j, e]            j = 0..S-1
     O_k = sum_j exp(x_j) val[n, c*S + j, e] / (sm_n + sum_j exp(x_j))
@@ -149,7 +150,7 @@ def check_gca_args(q, k, v, weights) -> int:
 
 
 def gca_attention_reference(q_BxHQxLqxD, k_BxHxKxLkxD, v_BxHxKxLkxD, w_BxK, *, scale: float | None = None):
-    """Reference GCA op (DRT grouped cross attention, drt_spec.md §2) in fp32:
+    """Reference GCA op (DRT grouped cross attention, docs/model_math.md "GCA op") in fp32:
         o[b, h, i] = sum_k w[b, k] * sum_j softmax_j(scale * q[b, h, i] . k[b, h//G, k, j]) v[b, h//G, k, j]
     Each of the K retrieved chunks has its own softmax over its Lk keys (no mask, no softmax+1); the
     results are mixed linearly by the weights, shared by all heads. Returns (B, HQ, Lq, D) in q's dtype."""

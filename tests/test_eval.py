@@ -99,17 +99,19 @@ NEOX = SHARED / "tokenizers/gpt-neox-20b/tokenizer.json"
 
 @pytest.mark.parametrize("tok", ["bytes", "neox"])
 def test_ruler_tasks_match_original_golden(tok):
-    """Our builders reproduce, token for token, the original PyTorch collator's sequences (spec §8 test (f)).
+    """Our builders reproduce, token for token, the original PyTorch collator's sequences
+    (docs/model_math.md "RULER tasks").
 
     tests/data/ruler_golden.npz was written by tests/data/make_ruler_golden.py, which imports
     reader/ruler_collator.py of github.com/RamstorageAI/long-context-modeling at commit
-    c40400c7037cce951518c5feaa62928ad32fba9b (torch/tqdm replaced by numpy stand-ins, seeded with the Python-int
-    product inputs[0]*inputs[-1] as ours is, i.e. with bug B14 fixed) and runs its RulerSynthesizer on the stored
-    haystacks: the byte tokenizer (lengths 600, 1500) and GPT-NeoX-20B (800, 2000; the first haystack's end tokens
-    make the seed product exceed int32). Per haystack it stores ids (q ++ a) and len(q) of generate_single_niah,
+    c40400c7037cce951518c5feaa62928ad32fba9b (torch/tqdm replaced by numpy stand-ins, seeded with the
+    Python-int product inputs[0]*inputs[-1] as ours is, i.e. with the seeding fix of
+    docs/model_math.md "RULER seeding") and runs its RulerSynthesizer on the stored haystacks: the byte
+    tokenizer (lengths 600, 1500) and GPT-NeoX-20B (800, 2000; the first haystack's end tokens make the seed
+    product exceed int32). Per haystack it stores ids (q ++ a) and len(q) of generate_single_niah,
     generate_multi_query (num_queries 2 and 1: our mq_niah, mk_niah), generate_variable_tracking and
-    generate_frequent_words_extraction, and for NeoX the len(q) after single_token_eval_collate_fn's VT answer cut
-    at token 13 (our vt with eval_cut)."""
+    generate_frequent_words_extraction, and for NeoX the len(q) after single_token_eval_collate_fn's VT answer
+    cut at token 13 (our vt with eval_cut)."""
     if tok == "neox" and not NEOX.exists():
         pytest.skip(f"{NEOX} missing (set HSA_SHARED)")
     gold = np.load(GOLDEN)

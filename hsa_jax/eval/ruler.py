@@ -1,14 +1,16 @@
-"""RULER-style long-context tasks, built as the original `reader/ruler_collator.py` builds them (spec §7).
+"""RULER-style long-context tasks, built as the original `reader/ruler_collator.py` builds them
+(docs/model_math.md "RULER tasks").
 
-Every builder takes a haystack of token ids (its length L is the task length) and returns
-`Task(ids, q, a)`: the full sequence, the question part and the answer part, with ids = q ++ a. The
-scoring (spec §7, eval_ruler.py) feeds q ++ a teacher-forced and counts a hit when the argmax
-predictions of every answer token except the final EOS are right.
+Every builder takes a haystack of token ids (its length L is the task length) and returns `Task(ids, q, a)`:
+the full sequence, the question part and the answer part, with ids = q ++ a. The scoring
+(docs/model_math.md "RULER scoring"; the original's eval_ruler.py) feeds q ++ a teacher-forced and counts a
+hit when the argmax predictions of every answer token except the final EOS are right.
 
 Seeding: the original seeds `random.Random(inputs[0] * inputs[-1])` with torch int32 scalars, which is
-non-reproducible (bug B14); here the seed is the Python int product `int(h[0]) * int(h[-1])`. From that
-seed on, the random draws (a numpy RandomState seeded with 16 words from it) and their order are the
-original's, so for a given haystack and tokenizer the sequences are the original's token for token.
+non-reproducible (docs/model_math.md "RULER seeding"); here the seed is the Python int product
+`int(h[0]) * int(h[-1])`. From that seed on, the random draws (a numpy RandomState seeded with 16 words from
+it) and their order are the original's, so for a given haystack and tokenizer the sequences are the
+original's token for token.
 
 Tasks: "s_niah" (task 0), "mq_niah" (task 1), "vt" (task 2), "fwe" (task 3) are the original's. Two
 are ours, for the issue's task list: "mk_niah" is task 1 with a single query (6 key-value needles, one

@@ -5,9 +5,10 @@
 
 The original file is imported from the given path, unchanged; torch, tqdm and the original's reader.dataset /
 reader.lazy_loader imports are replaced by small numpy stand-ins (the builders only use numpy, random and
-scipy.special.zeta). Its `random.Random(inputs[0] * inputs[-1])` seeding (bug B14 in the spec) is fed the
-Python-int product, the seeding hsa_jax.eval.ruler uses. The HF tokenizer is replaced by an object with the three
-attributes the original reads (encode, vocab_size, eos_token_id), taken from hsa_jax.eval.ruler.TextTokenizer.
+scipy.special.zeta). Its `random.Random(inputs[0] * inputs[-1])` seeding (non-reproducible:
+docs/model_math.md "RULER seeding") is fed the Python-int product, the seeding hsa_jax.eval.ruler uses. The
+HF tokenizer is replaced by an object with the three attributes the original reads (encode, vocab_size,
+eos_token_id), taken from hsa_jax.eval.ruler.TextTokenizer.
 """
 
 import importlib.util

@@ -1,5 +1,5 @@
 """DRT (GCA) model configuration: a typed, validated dataclass that speaks the original HF-style JSON
-(ant-research/long-context-modeling, config/DRT/*.json; spec drt_spec.md §3).
+(ant-research/long-context-modeling, config/DRT/*.json; docs/model_math.md "DRT config fields").
 
 Field names are the original names, `_flash_attn_2_enabled` included, so an original config loads as
 is. Fields the original reads but that do not change the maths (GPT-2 leftovers, unused switches, the

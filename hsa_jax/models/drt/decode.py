@@ -22,11 +22,11 @@ class DRTCache:
 
 class DRTDecoder:
     """The decoder interface (hsa_jax/common/decoding.py) with decode = forward: the cache is the token
-    history, and each call reruns the batch forward over it, right-padded to the capacity rounded up to
-    S (one compile per capacity). Exact because every logit depends only on earlier tokens
-    (tests/test_drt.py checks it); costs a full forward per step. Chunk boundaries sit at multiples of S
-    from the first prompt token: the original instead left-pads a prompt to a multiple of S, and its
-    incremental path drops lmk_norms[g] from the retrieval query (spec §5); this follows the batch path."""
+    history, and each call reruns the batch forward over it, right-padded to the capacity rounded up to S (one
+    compile per capacity). Exact because every logit depends only on earlier tokens (tests/test_drt.py checks
+    it); costs a full forward per step. Chunk boundaries sit at multiples of S from the first prompt token:
+    the original instead left-pads a prompt to a multiple of S, and its incremental path drops lmk_norms[g]
+    from the retrieval query (docs/model_math.md "DRT decoding"); this follows the batch path."""
 
     def __init__(self, model: DRTForCausalLM, **options):
         """options: settings of cached decoders (segment_len, ...); a whole-history forward has none."""

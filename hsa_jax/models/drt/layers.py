@@ -1,5 +1,5 @@
-"""DRT building blocks (drt_spec.md §1): Llama self-attention in its three flavours, chunk retrieval
-by landmarks, grouped cross attention (GCA) and the upper decoder layer.
+"""DRT building blocks (docs/model_math.md "DRT"): Llama self-attention in its three flavours, chunk
+retrieval by landmarks, grouped cross attention (GCA) and the upper decoder layer.
 
 Attribute names follow the original modules (`self_attn.q_proj`, `gca.pre_norm`, ...), so interop is
 the mechanical rename of hsa_jax/interop.py. Norms, projections and the MLP come from hsa_jax/layers.py.
@@ -88,11 +88,11 @@ def alibi_window_attention(q_NxTxHxD, k_NxTxHkvxD, v_NxTxHkvxD, slopes_H, window
 
 
 def select_chunks(q_NxCxD, lmk_NxCxD, topk: int, noise_rng=None):
-    """Chunk retrieval by landmarks (spec §1.3 step 4). Row c (the landmark of chunk c) scores every
-    chunk j < c by q_c . lmk_j / sqrt(D) (fp32), picks the top K = min(C, topk) (by score + Gumbel
-    noise when noise_rng is given) and weighs them by a softmax of their clean scores. Slots beyond the
-    visible chunks carry weight 0; a row with nothing visible has all-zero weights (the original's
-    NaN -> 0) and no NaN gradients.
+    """Chunk retrieval by landmarks (docs/model_math.md "DRT retrieval"). Row c (the landmark of chunk c)
+    scores every chunk j < c by q_c . lmk_j / sqrt(D) (fp32), picks the top K = min(C, topk) (by score +
+    Gumbel noise when noise_rng is given) and weighs them by a softmax of their clean scores. Slots beyond the
+    visible chunks carry weight 0; a row with nothing visible has all-zero weights (the original's NaN -> 0)
+    and no NaN gradients.
     Returns weights (N, C, K) fp32, indices (N, C, K) int32 (the order of every family's select_chunks)
     and the masked scores (N, C, C)."""
     N, C, D = q_NxCxD.shape
@@ -120,8 +120,8 @@ def gather_chunks(mem_NxCxLkxD, idx_NxRxK, heads: int):
 
 
 class GroupCrossAttention(nnx.Module):
-    """GCA (spec §1.3 step 4.9): every position of chunk c >= 1, landmark included, attends to the K
-    chunks retrieved by the landmark of chunk c-1; chunk 0 gets zeros."""
+    """GCA (docs/model_math.md "Grouped cross attention"): every position of chunk c >= 1, landmark
+    included, attends to the K chunks retrieved by the landmark of chunk c-1; chunk 0 gets zeros."""
 
     def __init__(self, dim: int, heads: int, norm_eps: float, *, std: float, rngs: nnx.Rngs, dtype):
         self.heads = heads

@@ -1,4 +1,4 @@
-"""The DRT causal language model (grouped cross attention, drt_spec.md §1), in Flax NNX.
+"""The DRT causal language model (grouped cross attention, docs/model_math.md "DRT"), in Flax NNX.
 
     ids (N, L) -> landmark token after every S tokens -> stream (N, T = C*P)
     model.lower_layers      Llow x Llama block (ALiBi + sliding window, or eager full-causal NoPE)
@@ -38,7 +38,8 @@ def _mlp(cfg: DRTConfig, rngs, dtype) -> SwiGLU:
 
 
 def _decoder_attention(cfg: DRTConfig, rngs, dtype) -> DRTAttention:
-    # ALiBi acts only on the flash path; the eager path has no positional signal at all (spec §1.4).
+    # ALiBi acts only on the flash path; the eager path has no positional signal at all
+    # (docs/model_math.md "DRT self-attention").
     return _attention(cfg, rngs, dtype, kv_heads=cfg.num_key_value_heads, alibi=cfg._flash_attn_2_enabled)
 
 

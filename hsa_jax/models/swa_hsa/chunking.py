@@ -1,9 +1,9 @@
 """Chunking layer: turns the lower layers' hidden states into the chunk memory shared by all groups.
 
-Per chunk of S tokens (spec §1.5): an optional bidirectional encoder (with a learned CLS appended at
-position S) gives Z; the landmark is lmk_ln(Z[CLS]) or lmk_ln(mean_j Z[j]); the memory keys/values are
-proj_k/proj_v(Z[:S]). Chunk c depends on all S of its tokens, so retrieval only offers it to tokens
-t >= (c+1)*S.
+Per chunk of S tokens (docs/model_math.md "Chunk encoder and landmarks"): an optional bidirectional
+encoder (with a learned CLS appended at position S) gives Z; the landmark is lmk_ln(Z[CLS]) or lmk_ln(mean_j
+Z[j]); the memory keys/values are proj_k/proj_v(Z[:S]). Chunk c depends on all S of its tokens, so retrieval
+only offers it to tokens t >= (c+1)*S.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """SWA+HSA model configuration: a typed, validated dataclass that speaks the original HF-style JSON.
 
-Field names are the original `config.json` names (spec §3), so an original config loads as is; fields
-the original reads but never uses (dropout rates, cache switches, token ids other than pad) are
-accepted and ignored. A few JAX-side fields (`dtype`, `param_dtype`, `hsa_impl`) have no original
-counterpart.
+Field names are the original `config.json` names (docs/model_math.md "SWA+HSA config fields"), so an
+original config loads as is; fields the original reads but never uses (dropout rates, cache switches, token
+ids other than pad) are accepted and ignored. A few JAX-side fields (`dtype`, `param_dtype`, `hsa_impl`) have
+no original counterpart.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import dataclasses
 
 from hsa_jax.common.config import DTYPES, IMPLS, HFConfigIO, nonneg_int, pos_int, require
 
-# Fields of original configs that the SWA+HSA stack reads but that do not change the maths (spec §3,
-# fixture README), or that belong to HF/Mamba machinery. Accepted silently.
+# Fields of original configs that the SWA+HSA stack reads but that do not change the maths
+# (docs/model_math.md "SWA+HSA config fields", fixture README), or that belong to HF/Mamba machinery.
+# Accepted silently.
 IGNORED_FIELDS = frozenset({
     "architectures", "model_type", "torch_dtype", "transformers_version", "num_hidden_layers",
     "max_position_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "lmk_token_id",

@@ -1,5 +1,5 @@
-"""Hierarchical sparse attention layer (spec §1.7): every token attends to its K retrieved chunks of
-the shared memory, one softmax per chunk, mixed by the retrieval weights.
+"""Hierarchical sparse attention layer (docs/model_math.md "HSA layer"): every token attends to its K
+retrieved chunks of the shared memory, one softmax per chunk, mixed by the retrieval weights.
 
     res = h   (or, when hsa_only is false: res = h = h + SWA(RMS(h)))
     o   = o_proj(HSA(q_norm(q_proj(RMS(h))), mem_k, mem_v, weights, indices))

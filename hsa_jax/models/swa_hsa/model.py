@@ -1,4 +1,5 @@
-"""The SWA+HSA causal language model (spec §1): the original's layer list, in Flax NNX.
+"""The SWA+HSA causal language model: the original's layer list, in Flax NNX
+(docs/model_math.md "SWA+HSA layer list").
 
 backbone.layers, in order:
     num_lower_layers x SWA block            (sliding-window attention + SwiGLU, pre-norm)

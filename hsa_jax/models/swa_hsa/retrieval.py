@@ -1,6 +1,7 @@
 """Retrieval layer: every token scores the landmarks of the chunks it may see and keeps the top K.
 
-Spec §1.6. scores s[n,t,e,c] = r[n,t,e] . lmk[n,c,e] / sqrt(dr), with r = ln(RMS(h)) split into h_r
+docs/model_math.md "Retrieval scores and visibility", "Chunk selection and slot order", "Chunk
+weights". Scores s[n,t,e,c] = r[n,t,e] . lmk[n,c,e] / sqrt(dr), with r = ln(RMS(h)) split into h_r
 retrieval heads. Token t may see chunk c iff (c+1)*S <= t (or c*S + W_r <= t with mask_slide_window).
 The kept slots are ordered by descending chunk id (most recent first) and mixed by stick-breaking
 weights in that order, or by a softmax over the slots.
