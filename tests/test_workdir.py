@@ -137,3 +137,16 @@ def test_metrics_of_a_resumed_run_are_kept(tmp_path):
     now = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in now if r["step"] <= 4] == [r for r in rows if r["step"] <= 4]
     assert sorted(r["step"] for r in now if "loss" in r) == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_are_strict_json_when_the_loss_is_not_finite(tmp_path):
+    # lr 1e6 blows the weights up within a few steps: the loss turns inf/NaN and the updates are skipped.
+    train(small(tmp_path, "steps=6", "checkpoint_every=100", "optim.lr=1e6", "optim.warmup_ratio=0"),
+          log=lambda m: None)
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    rows = [json.loads(l, parse_constant=refuse) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss" in r]
+    assert any(r["skipped"] and None in (r["loss"], r["grad_norm"]) for r in losses), losses

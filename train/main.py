@@ -99,8 +99,10 @@ class MetricsLog:
     def write(self, record: dict):
         if not self.enabled:
             return
+        # JSON has no NaN/Infinity: a non-finite value is written as null (with "skipped" saying why).
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, record["step"])

@@ -21,11 +21,25 @@ class CacheCapacityError(ValueError):
     """The cache cannot hold the tokens asked for (capacity, or a batch size mismatch)."""
 
 
-def check_prefill_args(ids, logits: str) -> np.ndarray:
+def check_token_ids(ids, vocab_size: int, what: str = "token ids", padding_ok: bool = False) -> None:
+    """ValueError naming the first id outside [0, vocab_size) and where it is: an id past the embedding
+    table would read garbage (NaN logits everywhere on GPU), and a negative one would be taken as
+    padding, silently (padding_ok: negative ids are padding, as in the models' training forward).
+    Concrete arrays only: ids inside jit cannot be checked without a device-to-host sync."""
+    ids = np.asarray(ids)
+    bad = np.flatnonzero((ids >= vocab_size) if padding_ok else ((ids < 0) | (ids >= vocab_size)))
+    if len(bad):
+        where = np.unravel_index(bad[0], ids.shape)
+        raise ValueError(f"{what}: id {int(ids[where])} at position {tuple(int(i) for i in where)} is outside the "
+                         f"model's vocabulary [0, {vocab_size}) ({len(bad)} such ids)")
+
+
+def check_prefill_args(ids, logits: str, vocab_size: int) -> np.ndarray:
     """Validates prefill's arguments; -> ids as an (N, T) array."""
     if logits not in LOGITS_MODES:
         raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape[1] < 1:
         raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
+    check_token_ids(ids, vocab_size, "prefill ids")
     return ids

@@ -46,7 +46,7 @@ class DRTDecoder:
                 labels=None):
         """Consumes ids (N, T) after `cache`. logits: "last" -> (N, V); "all" -> (N, T, V); "none" -> None.
         With labels (N, T) (-1 = ignore): the per-token log-probabilities of the labels (N, T) instead."""
-        ids = check_prefill_args(ids, logits)
+        ids = check_prefill_args(ids, logits, self.cfg.vocab_size)
         N, T = ids.shape
         if cache is None:
             cache = self.init_cache(N, capacity if capacity is not None else T)

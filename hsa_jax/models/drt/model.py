@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hsa_jax.common.decoding import check_token_ids
 from hsa_jax.common.layers import (ENCODER_NORM_EPS, ChunkEncoder, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock,
                                    scan_blocks)
 from hsa_jax.models.drt.config import DRTConfig
@@ -102,6 +103,9 @@ class DRTForCausalLM(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         checkpoint = nnx.remat if remat else (lambda f: f)
 
+        if not isinstance(input_ids_NxL, jax.core.Tracer):  # eager call: ids past the vocabulary are an error
+            check_token_ids(input_ids_NxL, cfg.vocab_size, "input ids", padding_ok=True)
+        # Negative ids are padding (the original pads with -100); they embed as the pad token.
         ids = jnp.where(input_ids_NxL < 0, cfg.pad_id, input_ids_NxL).reshape(N, C, S)
         x_NxT = jnp.concatenate([ids, jnp.full((N, C, 1), cfg.chunk_id, ids.dtype)], axis=-1).reshape(N, T)
         h = m.embed_tokens(x_NxT, dtype)

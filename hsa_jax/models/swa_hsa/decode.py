@@ -43,7 +43,7 @@ from hsa_jax.common.losses import token_logprobs
 from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
-from hsa_jax.common.layers import TransformerBlock, rope_cos_sin
+from hsa_jax.common.layers import TransformerBlock, rope_cos_sin, sliding_window_attention
 from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
 
 @dataclasses.dataclass
@@ -74,35 +74,21 @@ def _attn_layers(model) -> dict[int, tuple]:
     return out
 
 
-def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, positions_L, window: int, block: int = 0):
-    """Sliding-window attention of the segment's queries over [ring ++ segment] keys.
+def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, window: int, block: int = 0):
+    """Sliding-window attention of the segment's queries (positions P..P+L-1) over [ring ++ segment] keys.
     -> (output (N, L, D), (k, v) of the segment). Query at p sees keys p-window..p (window+1 keys).
-    block > 0 (and dividing L): queries go in blocks of `block`, each against its own window+block keys,
-    so memory is O(L * (window + block)) instead of O(L * (window + L))."""
+    block > 0: queries go in blocks of `block`, each against its own window+block keys, so memory is
+    O(L * (window + block)) instead of O(L * (window + L)) (hsa_jax/common/layers.py sliding_window_attention,
+    the banded attention DRT's decoder uses too)."""
     N, L, _ = u_NxLxD.shape
     q, k, v = attn.project_qkv(u_NxLxD, cos, sin)
     ring_k, ring_v = ring["k"], ring["v"]
     Wc = ring_k.shape[1]
-    # the ring in chronological order: entry j holds position P - Wc + j (invalid when negative)
+    # the ring in chronological order: entry j holds position P - Wc + j (ignored when negative)
     order = jnp.mod(P - Wc + jnp.arange(Wc), Wc)
     keys = jnp.concatenate([jnp.take(ring_k, order, axis=1), k.astype(ring_k.dtype)], axis=1).astype(q.dtype)
     vals = jnp.concatenate([jnp.take(ring_v, order, axis=1), v.astype(ring_v.dtype)], axis=1).astype(q.dtype)
-    key_pos = P - Wc + jnp.arange(Wc + L)
-    if block and L % block == 0 and L > block:
-        nb = L // block
-        win = jnp.arange(nb)[:, None] * block + jnp.arange(Wc + block)[None, :]  # (nb, Wc + block)
-        kb = jnp.take(keys, win, axis=1).reshape(N * nb, Wc + block, *keys.shape[2:])
-        vb = jnp.take(vals, win, axis=1).reshape(N * nb, Wc + block, *vals.shape[2:])
-        qb = q.reshape(N * nb, block, *q.shape[2:])
-        qp = positions_L.reshape(nb, block, 1)
-        kp = key_pos[win][:, None, :]
-        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - window)  # (nb, block, Wc + block)
-        mask = jnp.broadcast_to(mask[None], (N, nb, block, Wc + block)).reshape(N * nb, 1, block, Wc + block)
-        a = jax.nn.dot_product_attention(qb, kb, vb, mask=mask).reshape(N, L, *q.shape[2:])
-    else:
-        qp, kp = positions_L[:, None], key_pos[None, :]
-        mask = (kp >= 0) & (kp <= qp) & (kp >= qp - window)
-        a = jax.nn.dot_product_attention(q, keys, vals, mask=mask[None, None])
+    a = sliding_window_attention(q, keys, vals, window, start=P, block=block)
     out = attn.o_proj(a.reshape(N, L, attn.heads * attn.head_dim))
     return out, (k, v)
 
@@ -177,7 +163,7 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
 
     def cached(key, window):  # the layers' `attend` hook: SWA over [ring ++ segment], ring refreshed
         def attend(attn, u):
-            out, kv = _cached_swa(attn, u, cos, sin, cache["attn"][key], P, positions, window, swa_block)
+            out, kv = _cached_swa(attn, u, cos, sin, cache["attn"][key], P, window, swa_block)
             new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
             return out
         return attend
@@ -292,7 +278,7 @@ class SWAHSADecoder:
         token; "all" -> (N, T, V); "none" -> None. With `labels` (N, T) int (-1 = ignore), returns
         instead the per-token log-probabilities of the labels (N, T) (for perplexity at any length
         without materialising T x V logits)."""
-        ids = check_prefill_args(ids, logits)
+        ids = check_prefill_args(ids, logits, self.cfg.vocab_size)
         N, T = ids.shape
         if cache is None:
             cache = self.init_cache(N, capacity if capacity is not None else T)

@@ -19,6 +19,7 @@ from flax import nnx
 from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
+from hsa_jax.common.decoding import check_token_ids
 from hsa_jax.common.layers import Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks
 from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
 
@@ -71,6 +72,9 @@ class SWAHSAForCausalLM(nnx.Module):
         layer_rng = (lambda i: jax.random.fold_in(rng, i)) if needs_rng else (lambda i: None)
 
         dtype = jnp.dtype(cfg.dtype)
+        if not isinstance(input_ids_NxT, jax.core.Tracer):  # eager call: ids past the vocabulary are an error
+            check_token_ids(input_ids_NxT, cfg.vocab_size, "input ids", padding_ok=True)
+        # Negative ids are padding (the original pads with -100); they embed as the pad token.
         ids = jnp.where(input_ids_NxT < 0, cfg.pad_token_id, input_ids_NxT)
         h = self.backbone.embeddings(ids, dtype)
         positions_T = jnp.arange(T)
