@@ -20,7 +20,8 @@ from hsa_jax.models.drt.parity import compare_drt_reference, original_loss
 from hsa_jax.models.drt.config import DRTConfig
 from hsa_jax.common.decoding import CacheCapacityError
 from hsa_jax.registry import make_decoder
-from hsa_jax.models.drt.layers import alibi_window_attention, select_chunks
+from hsa_jax.common.layers import sliding_window_attention
+from hsa_jax.models.drt.layers import select_chunks
 from hsa_jax.generate import generate
 from hsa_jax.common.interop import CheckpointMismatchError, param_paths
 
@@ -277,14 +278,14 @@ def test_gumbel_selection_changes_choice_not_weights_of_chosen():
     assert differs
 
 
-def test_alibi_window_attention_matches_dense_formula():
+def test_sliding_window_attention_with_alibi_matches_dense_formula():
     """Banded blocks (several, with the window crossing block edges) vs the dense masked softmax."""
     rng = np.random.default_rng()
     N, T, H, Hkv, D, W = 1, 200, 4, 2, 8, 70
     q = jnp.asarray(rng.standard_normal((N, T, H, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((N, T, Hkv, D)), jnp.float32) for _ in range(2))
     slopes = jnp.asarray([2.0 ** (-8 * (h + 1) / H) for h in range(H)], jnp.float32)
-    got = alibi_window_attention(q, k, v, slopes, W, block=64)
+    got = sliding_window_attention(q, k, v, W, slopes_H=slopes, block=64)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     kk, vv = jnp.repeat(k, H // Hkv, axis=2), jnp.repeat(v, H // Hkv, axis=2)
     x = jnp.einsum("nthd,nshd->nhts", q, kk) / np.sqrt(D) - slopes[:, None, None] * (i - j)

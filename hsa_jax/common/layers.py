@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,47 @@ class Attention(nnx.Module):
             local_window_size=None if window is None else (window, 0),
             implementation=attention_backend(q.dtype, self.head_dim, q.shape[1]))
         return self.o_proj(a.reshape(*u_NxTxD.shape[:2], self.heads * self.head_dim))
+
+
+def sliding_window_attention(q_NxLxHxD, k_NxMxHkvxD, v_NxMxHkvxD, window: int, *, start=0, slopes_H=None,
+                             block: int = 0):
+    """Causal sliding-window attention, banded: the query at position p sees the keys at p-window .. p.
+
+    q: L queries at positions start .. start+L-1 (`start` may be traced). k, v: M = Wp + L keys at
+    positions start-Wp .. start+L-1: Wp earlier keys in chronological order (a decode cache's ring; 0 for a
+    plain forward), then the queries' own keys. Keys at negative positions are ignored. With `slopes_H`,
+    the ALiBi bias -m_h (p - j) is added to the scaled logits (docs/model_math.md "DRT self-attention").
+    Query head h reads kv head h // (H / Hkv).
+
+    Queries go in blocks of `block` (0: one block of L), each against only its block + W' keys
+    (W' = max(Wp, min(window, L-1))), so memory and work are O(L (block + W')) rather than O(L^2). Logits
+    and softmax in fp32; returns (N, L, H, D) in q's dtype."""
+    N, L, H, D = q_NxLxHxD.shape
+    Hkv = k_NxMxHkvxD.shape[2]
+    G = H // Hkv
+    Wp = k_NxMxHkvxD.shape[1] - L
+    front = max(0, min(window, L - 1) - Wp)  # zero keys in front (negative positions: masked)
+    W = Wp + front  # keys before the first query
+    Bq = min(block, L) if block > 0 else L
+    nb = -(-L // Bq)
+    pad_q = nb * Bq - L
+    q = jnp.pad(q_NxLxHxD, ((0, 0), (0, pad_q), (0, 0), (0, 0))).reshape(N, nb, Bq, Hkv, G, D)
+    # Block b reads the key rows b*Bq .. b*Bq + Bq + W - 1 (positions start - W + row).
+    kv_pad = ((0, 0), (front, pad_q), (0, 0), (0, 0))
+    rows_nbxK = jnp.arange(nb)[:, None] * Bq + jnp.arange(Bq + W)[None, :]
+    k = jnp.pad(k_NxMxHkvxD, kv_pad)[:, rows_nbxK]  # (N, nb, Bq+W, Hkv, D)
+    v = jnp.pad(v_NxMxHkvxD, kv_pad)[:, rows_nbxK]
+    x = jnp.einsum("nbqegd,nbjed->nbegqj", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    dist_QxK = W + jnp.arange(Bq)[:, None] - jnp.arange(Bq + W)[None, :]  # p - j, the same in every block
+    key_pos_nbxK = start - W + rows_nbxK
+    ok = (dist_QxK >= 0)[None] & (dist_QxK <= window)[None] & (key_pos_nbxK >= 0)[:, None, :]  # (nb, Bq, Bq+W)
+    if slopes_H is not None:
+        bias_HxQxK = -jnp.asarray(slopes_H, jnp.float32)[:, None, None] * dist_QxK[None].astype(jnp.float32)
+        x = x + bias_HxQxK.reshape(Hkv, G, Bq, Bq + W)[None, None]
+    x = jnp.where(ok[None, :, None, None], x, -jnp.inf)
+    p = jax.nn.softmax(x, axis=-1).astype(v.dtype)
+    o = jnp.einsum("nbegqj,nbjed->nbqegd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(N, nb * Bq, H, D)[:, :L].astype(q_NxLxHxD.dtype)
 
 
 ENCODER_NORM_EPS = 1e-6  # both originals build their chunk encoder from a fresh LlamaConfig: eps 1e-6 ...

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hsa_jax.common.layers import Dense, RMSNorm, SwiGLU, apply_rope, attention_backend
+from hsa_jax.common.layers import Dense, RMSNorm, SwiGLU, apply_rope, attention_backend, sliding_window_attention
 from pallas_kernels.gca import gca_attention
 
 ALIBI_BLOCK = 256  # query rows per block of the banded ALiBi attention
@@ -48,43 +48,12 @@ class DRTAttention(nnx.Module):
         if window is None:
             a = jax.nn.dot_product_attention(q, k, v, implementation=backend)
         elif self.alibi_slopes is not None:
-            a = alibi_window_attention(q, k, v, jnp.asarray(self.alibi_slopes, jnp.float32), window)
+            a = sliding_window_attention(q, k, v, window, slopes_H=jnp.asarray(self.alibi_slopes, jnp.float32),
+                                         block=ALIBI_BLOCK)
         else:
             a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend,
                                              local_window_size=None if window >= T - 1 else (window, 0))
         return self.o_proj(a.reshape(N, T, self.heads * self.head_dim))
-
-
-def alibi_window_attention(q_NxTxHxD, k_NxTxHkvxD, v_NxTxHkvxD, slopes_H, window: int,
-                           block: int = ALIBI_BLOCK):
-    """softmax_j(q_t . k_j / sqrt(D) - m_h (t - j)) over j in [t - W, t], fp32 logits and softmax.
-
-    Banded: each block of Bq queries sees only its Bq + W' keys (W' = min(W, T-1)), so memory and work
-    are O(T (Bq + W')) rather than O(T^2). Returns (N, T, H, D) in q's dtype."""
-    N, T, H, D = q_NxTxHxD.shape
-    Hkv = k_NxTxHkvxD.shape[2]
-    G = H // Hkv
-    W = min(window, T - 1)
-    Bq = min(block, T)
-    nb = -(-T // Bq)
-    pad_q = nb * Bq - T
-    q = jnp.pad(q_NxTxHxD, ((0, 0), (0, pad_q), (0, 0), (0, 0))).reshape(N, nb, Bq, Hkv, G, D)
-    # Keys in front-padded coordinates: block b reads padded rows b*Bq .. b*Bq + Bq + W - 1, i.e. the
-    # original positions j = b*Bq - W + jj.
-    kv_pad = ((0, 0), (W, pad_q), (0, 0), (0, 0))
-    rows_nbxL = jnp.arange(nb)[:, None] * Bq + jnp.arange(Bq + W)[None, :]
-    k = jnp.pad(k_NxTxHkvxD, kv_pad)[:, rows_nbxL]  # (N, nb, Bq+W, Hkv, D)
-    v = jnp.pad(v_NxTxHkvxD, kv_pad)[:, rows_nbxL]
-    x = jnp.einsum("nbqegd,nbjed->nbegqj", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
-    dist_QxL = W + jnp.arange(Bq)[:, None] - jnp.arange(Bq + W)[None, :]  # t - j, the same in every block
-    key_pos_nbxL = rows_nbxL - W
-    ok = (dist_QxL >= 0)[None] & (dist_QxL <= W)[None] & (key_pos_nbxL >= 0)[:, None, :]  # (nb, Bq, Bq+W)
-    bias_HxQxL = -slopes_H[:, None, None] * dist_QxL[None].astype(jnp.float32)
-    x = x + bias_HxQxL.reshape(Hkv, G, Bq, Bq + W)[None, None]
-    x = jnp.where(ok[None, :, None, None], x, -jnp.inf)
-    p = jax.nn.softmax(x, axis=-1).astype(v.dtype)
-    o = jnp.einsum("nbegqj,nbjed->nbqegd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(N, nb * Bq, H, D)[:, :T].astype(q_NxTxHxD.dtype)
 
 
 def select_chunks(q_NxCxD, lmk_NxCxD, topk: int, noise_rng=None):
