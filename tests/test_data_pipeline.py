@@ -319,6 +319,11 @@ def test_loader_deterministic_across_runs_seeds_and_workers(bundled):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, w)
         assert not np.array_equal(a, c)
+    # Sequential with worker processes, from a later start step too: the same batches in the same order.
+    for start in (0, 3):
+        one = _batches(make_loader(bundled, mode="sequential", start_step=start, **kw), 5)
+        two = _batches(make_loader(bundled, mode="sequential", start_step=start, worker_count=2, **kw), 5)
+        np.testing.assert_array_equal(one, two)
 
 
 @pytest.mark.parametrize("mode", ["random", "across_docs", "sequential"])

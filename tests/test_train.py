@@ -151,6 +151,24 @@ def test_checkpoint_written_on_8_devices_restores_on_one(tmp_path):
     ckpt.close()
 
 
+def test_checkpoint_written_on_one_device_restores_sharded_on_eight(tmp_path):
+    cfg = small(tmp_path)
+    _, _, state1 = init_state(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    state1["params"] = jax.tree.map(lambda x: x * 3.0 + 0.5, state1["params"])  # not the init values
+    rng = jax.random.key_data(jax.random.key(0))
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+    ckpt.save(5, state1, cfg.to_dict(), rng)
+    ckpt.wait()
+    _, _, state8 = init_state(cfg, make_mesh(2, 4, 1))
+    step, restored = ckpt.restore_latest(state8, rng, cfg.to_dict())
+    ckpt.close()
+    assert step == 5
+    for x, y in zip(leaves(state1["params"]), leaves(restored["params"])):
+        np.testing.assert_array_equal(x, y)
+    emb = restored["params"]["backbone"]["embeddings"]["embedding"][...]
+    assert emb.sharding.spec[1] == "fsdp" and emb.addressable_shards[0].data.shape == (257, 64 // 4)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     cfg = small(tmp_path, "steps=4", "checkpoint_every=2", "eval_every=100")
     train(cfg, log=lambda m: None)
