@@ -1,8 +1,11 @@
-"""Tokenizers for `build`: the built-in byte tokenizer and HF `tokenizers` files.
+"""The project's tokenizers (`build`, hsa-generate, hsa-eval's RULER tasks): the built-in byte tokenizer
+and HF `tokenizers` files, both loaded by `load_tokenizer`.
 
 Both expose `encode_documents(texts) -> (tokens, lengths)`: every document becomes its token ids followed
 by exactly one EOS, and no other special token is added (not even when the text itself contains the
-literal string of a special token).
+literal string of a special token); `encode(text)`, the ids of one text without the EOS; `eos_id`;
+`vocab_size` (every id, added tokens included) and `base_vocab_size` (the ordinary tokens lie below it:
+the range RULER draws random key ids from, HF's `vocab_size` semantics).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class ByteTokenizer:
     """ids 0..255 are the UTF-8 bytes of the text, 256 is EOS; vocab_size 257 (models round it up)."""
 
     vocab_size = 257
+    base_vocab_size = 256  # the bytes; EOS is the only other id
     eos_id = 256
     fingerprint = "bytes-utf8-v1"
 
@@ -45,6 +49,9 @@ class ByteTokenizer:
         return {"kind": BYTES, "fingerprint": self.fingerprint,
                 "description": "ids 0-255 are UTF-8 bytes, 256 is EOS; vocab_size 257 is not padded "
                                "(round the embedding up in the model config)"}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", "replace"))
 
     def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         pieces = [np.frombuffer(t.encode("utf-8", "replace"), np.uint8) for t in texts]
@@ -77,12 +84,19 @@ class HFTokenizer:
                                     f"(pass the right --eos-token)")
         self.eos_id = int(eos)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self.base_vocab_size = int(self._tok.get_vocab_size(with_added_tokens=False))  # 50254 for GPT-NeoX-20B
         self.fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
         self.eos_token = eos_token
 
     def describe(self) -> dict:
         return {"kind": "hf-tokenizers", "path": str(self.path), "fingerprint": self.fingerprint,
                 "eos_token": self.eos_token}
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates
+            return self._tok.encode(_clean(text), add_special_tokens=False).ids
 
     def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32

@@ -41,7 +41,7 @@ def _main(args) -> int:
     if args.prompt_ids is not None:
         ids = comma_ints("--prompt-ids", args.prompt_ids)
     elif args.prompt is not None:
-        ids = tok.encode_documents([args.prompt])[0][:-1].tolist()  # without the document's EOS
+        ids = tok.encode(args.prompt)
     else:
         raise ConfigError("give --prompt or --prompt-ids")
     if not ids:

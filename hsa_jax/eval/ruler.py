@@ -53,18 +53,12 @@ class TextTokenizer:
     @classmethod
     def load(cls, spec: str) -> "TextTokenizer":
         """"bytes" (ids 0-255, EOS 256; keys drawn below 256) or a tokenizer.json path (HF `vocab_size`
-        semantics: the base vocabulary without added tokens, 50254 for GPT-NeoX-20B)."""
-        if spec == "bytes":
-            return cls(lambda t: list(t.encode("utf-8")), 256, 256, ord(","))
-        import tokenizers
+        semantics: the base vocabulary without added tokens, 50254 for GPT-NeoX-20B), loaded by the
+        project's one tokenizer loader, data_pipeline.load_tokenizer."""
+        from data_pipeline.tokenizer import load_tokenizer
 
-        tok = tokenizers.Tokenizer.from_file(str(spec))
-        encode = lambda t: tok.encode(t, add_special_tokens=False).ids
-        eos = tok.token_to_id("<|endoftext|>")
-        if eos is None:
-            raise ValueError(f"{spec}: no <|endoftext|> token")
-        comma = encode(",")
-        return cls(encode, tok.get_vocab_size(with_added_tokens=False), eos, comma[0])
+        tok = load_tokenizer(spec)
+        return cls(tok.encode, tok.base_vocab_size, tok.eos_id, tok.encode(",")[0])
 
 
 def _rng(haystack) -> np.random.RandomState:
