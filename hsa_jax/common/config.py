@@ -163,3 +163,30 @@ def nonneg_int(x) -> bool:
 def require(ok: bool, field: str, value, allowed: str):
     if not ok:
         raise ConfigError(f"config field {field}={value!r} is invalid: must be {allowed}")
+
+
+def pos_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def require_each(cfg, names, check, allowed: str):
+    """`require(check(value))` for each of the named fields of cfg."""
+    for name in names:
+        value = getattr(cfg, name)
+        require(check(value), name, value, allowed)
+
+
+def validate_transformer(cfg, impl_field: str):
+    """The checks every model family's config makes (after its sizes are known to be positive): heads that
+    divide hidden_size, kv heads that divide the heads, a SwiGLU MLP, the default rotary embedding only,
+    known dtypes, and a known attention backend in the field `impl_field`."""
+    hq = cfg.num_attention_heads
+    require(cfg.hidden_size % hq == 0, "hidden_size", cfg.hidden_size, f"a multiple of num_attention_heads={hq}")
+    require(hq % cfg.num_key_value_heads == 0, "num_key_value_heads", cfg.num_key_value_heads,
+            f"a divisor of num_attention_heads={hq}")
+    require(cfg.hidden_act in ("silu", "swish"), "hidden_act", cfg.hidden_act, "'silu' or 'swish'")
+    require(cfg.rope_scaling is None, "rope_scaling", cfg.rope_scaling,
+            "null (only the default rotary embedding is implemented)")
+    require_each(cfg, ("dtype", "param_dtype"), lambda v: v in DTYPES, f"one of {DTYPES}")
+    impl = getattr(cfg, impl_field)
+    require(impl in IMPLS, impl_field, impl, f"one of {IMPLS}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hsa_jax.common.config import DTYPES, IMPLS, HFConfigIO, nonneg_int, pos_int, require
+from hsa_jax.common.config import HFConfigIO, nonneg_int, pos_int, pos_number, require, require_each, validate_transformer
 
 IGNORED_FIELDS = frozenset({
     "activation_function", "architectures", "bos_id", "mask_id", "max_position_embeddings", "model_type",
@@ -113,9 +113,8 @@ class DRTConfig(HFConfigIO):
 
     # ----- validation -----
     def validate(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "enc_chunk_size", "chunk_topk"):
-            require(pos_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
+        require_each(self, ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                            "num_key_value_heads", "enc_chunk_size", "chunk_topk"), pos_int, "a positive integer")
         require(nonneg_int(self.encoder_layers), "encoder_layers", self.encoder_layers, "an integer >= 0")
         dl = self.decoder_layers
         require(isinstance(dl, tuple) and len(dl) >= 2 and nonneg_int(dl[0])
@@ -123,32 +122,22 @@ class DRTConfig(HFConfigIO):
                  "a list [lower, upper_1, ..., upper_G] with G >= 1 groups, lower >= 0 and each upper >= 1")
         require(self.lmk_chunk_size % 64 in (0, 1), "enc_chunk_size", self.enc_chunk_size,
                  "S with (S + 1) % 64 in (0, 1), e.g. 63 (landmark slot zeroed) or 64 (landmark slot dropped)")
-        H = self.num_attention_heads
-        require(self.hidden_size % H == 0, "hidden_size", self.hidden_size, f"a multiple of num_attention_heads={H}")
+        validate_transformer(self, "gca_impl")
         require(self.head_dim % 2 == 0, "hidden_size", self.hidden_size,
                  f"such that hidden_size / num_attention_heads is even (the encoder's RoPE); got {self.head_dim}")
-        require(H % self.num_key_value_heads == 0, "num_key_value_heads", self.num_key_value_heads,
-                 f"a divisor of num_attention_heads={H}")
         for name in ("chunk_id", "pad_id"):
             v = getattr(self, name)
             require(nonneg_int(v) and v < self.vocab_size, name, v, f"a token id in [0, vocab_size={self.vocab_size})")
-        for name in ("_flash_attn_2_enabled", "enable_alibi", "tie_word_embeddings", "attention_bias"):
-            require(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        require_each(self, ("_flash_attn_2_enabled", "enable_alibi", "tie_word_embeddings", "attention_bias"),
+                     lambda v: isinstance(v, bool), "true or false")
         require(not self._flash_attn_2_enabled or self.enable_alibi, "enable_alibi", self.enable_alibi,
                  "true when _flash_attn_2_enabled is true (without ALiBi the flash path's positions are undefined)")
         require(pos_int(self.slide_window), "slide_window", self.slide_window, "a positive integer")
         require(self.tie_word_embeddings is True, "tie_word_embeddings", self.tie_word_embeddings,
                  "true (DRT ties lm_head to embed_tokens)")
         require(self.attention_bias is False, "attention_bias", self.attention_bias, "false (DRT has no biases)")
-        require(self.hidden_act in ("silu", "swish"), "hidden_act", self.hidden_act, "'silu' or 'swish'")
         require(self.pretraining_tp == 1, "pretraining_tp", self.pretraining_tp, "1")
-        require(self.rope_scaling is None, "rope_scaling", self.rope_scaling, "null")
-        for name in ("rms_norm_eps", "initializer_range"):
-            v = getattr(self, name)
-            require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name, v, "a positive number")
-        require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
-        require(self.gca_impl in IMPLS, "gca_impl", self.gca_impl, f"one of {IMPLS}")
+        require_each(self, ("rms_norm_eps", "initializer_range"), pos_number, "a positive number")
 
     def check_length(self, length: int):
         """Batch forwards take whole chunks of S real tokens (the landmarks are inserted inside)."""

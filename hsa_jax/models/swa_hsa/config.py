@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from hsa_jax.common.config import DTYPES, IMPLS, HFConfigIO, nonneg_int, pos_int, require
+from hsa_jax.common.config import (HFConfigIO, nonneg_int, pos_int, pos_number, require, require_each,
+                                   validate_transformer)
 
 # Fields of original configs that the SWA+HSA stack reads but that do not change the maths
 # (docs/model_math.md "SWA+HSA config fields", fixture README), or that belong to HF/Mamba machinery.
@@ -124,19 +125,15 @@ class SWAHSAConfig(HFConfigIO):
 
     # ----- validation -----
     def validate(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "num_kv_heads", "num_upper_groups", "head_dim",
-                     "chunk_size", "chunk_topk", "retrieval_dim"):
-            require(pos_int(getattr(self, name)), name, getattr(self, name), "a positive integer")
-        for name in ("num_lower_layers", "num_upper_layers", "encoder_layers", "slide_window"):
-            require(nonneg_int(getattr(self, name)), name, getattr(self, name), "an integer >= 0")
+        require_each(self, ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                            "num_key_value_heads", "num_kv_heads", "num_upper_groups", "head_dim", "chunk_size",
+                            "chunk_topk", "retrieval_dim"), pos_int, "a positive integer")
+        require_each(self, ("num_lower_layers", "num_upper_layers", "encoder_layers", "slide_window"), nonneg_int,
+                     "an integer >= 0")
         require(self.sliding_window is not None and pos_int(self.sliding_window), "sliding_window",
                  self.sliding_window, "a positive integer (the SWA window; it has no default)")
+        validate_transformer(self, "hsa_impl")
         hq = self.num_attention_heads
-        require(self.hidden_size % hq == 0, "hidden_size", self.hidden_size,
-                 f"a multiple of num_attention_heads={hq}")
-        require(hq % self.num_key_value_heads == 0, "num_key_value_heads", self.num_key_value_heads,
-                 f"a divisor of num_attention_heads={hq}")
         require(hq % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                  f"a divisor of num_attention_heads={hq}")
         require(self.retrieval_dim % self.retrieval_heads == 0, "retrieval_dim", self.retrieval_dim,
@@ -145,14 +142,10 @@ class SWAHSAConfig(HFConfigIO):
                  self.num_upper_layers, f"a multiple of num_upper_groups={self.num_upper_groups}")
         require(self.head_dim % 2 == 0 and self.hsa_head_dim % 2 == 0, "head_dim", self.head_dim,
                  "even (rotary embedding), with hidden_size/num_attention_heads even too")
-        require(self.hidden_act in ("silu", "swish"), "hidden_act", self.hidden_act, "'silu' or 'swish'")
-        require(self.rope_scaling is None, "rope_scaling", self.rope_scaling,
-                 "null (only the default rotary embedding is implemented)")
         require(self.partial_rotary_factor == 1.0, "partial_rotary_factor", self.partial_rotary_factor,
                  "1.0 (the original's rotary kernel rotates the whole head)")
-        for name in ("rms_norm_eps", "layer_norm_epsilon", "initializer_range", "rope_theta"):
-            require(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0, name,
-                     getattr(self, name), "a positive number")
+        require_each(self, ("rms_norm_eps", "layer_norm_epsilon", "initializer_range", "rope_theta"), pos_number,
+                     "a positive number")
         require(0.0 <= float(self.encoder_dropout) < 1.0, "encoder_dropout", self.encoder_dropout,
                  "a probability in [0, 1)")
         require(not (self.enable_enc_cls and self.encoder_layers == 0), "enable_enc_cls",
@@ -164,9 +157,6 @@ class SWAHSAConfig(HFConfigIO):
         require(not self.mask_slide_window or self.retrieval_window >= self.chunk_size, "sliding_window",
                  self.retrieval_window, f">= chunk_size={self.chunk_size} when mask_slide_window is on "
                  "(otherwise a token could retrieve its own, still incomplete chunk)")
-        require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
-        require(self.hsa_impl in IMPLS, "hsa_impl", self.hsa_impl, f"one of {IMPLS}")
 
     def check_length(self, length: int):
         """Training-mode forwards need whole chunks."""
