@@ -3,7 +3,7 @@
 # Both create .venv with Python 3.12 on first use and install the package with its test extras.
 VENV := .venv
 PY := $(VENV)/bin/python
-FIXTURES ?= ../shared/fixtures
+FIXTURES ?= $(if $(wildcard ../shared/fixtures),../shared/fixtures,tests/golden)
 
 .PHONY: setup demo test parity clean
 

@@ -14,7 +14,7 @@ from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.common.decoding import CacheCapacityError
 from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
 from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
-from tests.conftest import fixture_path
+from conftest import fixture_names, fixture_path
 
 ATOL = 1e-4
 STEPS = 40
@@ -124,14 +124,19 @@ def test_cache_capacity_errors():
         dec.prefill(ids, logits="every")
 
 
-DECODE_FIXTURES = {"decode_a_base": "model_a_base", "decode_b_hsa_swa_softmax1": "model_b_hsa_swa_softmax1"}
+# Every decode_<x> fixture goes with the model_<x> fixture whose weights it decodes.
+DECODE_FIXTURES = [n[:-len(".npz")] for n in fixture_names("swa_hsa", "decode_*.npz")]
 
 
-@pytest.mark.parametrize("name", sorted(DECODE_FIXTURES))
+def model_of(decode_name: str) -> str:
+    return decode_name.replace("decode_", "model_", 1)
+
+
+@pytest.mark.parametrize("name", DECODE_FIXTURES)
 def test_decode_fixture_via_hsa_compare(name, capsys):
     """The original inference path's prompt and step logits, via `hsa-compare --decode`."""
     decode = fixture_path("swa_hsa", f"{name}.npz")
-    model_name = DECODE_FIXTURES[name]
+    model_name = model_of(name)
     args = ["--model-type", "swa_hsa", "--config", str(fixture_path("swa_hsa", f"{model_name}.config.json")),
             "--reference", str(fixture_path("swa_hsa", f"{model_name}.npz")), "--decode", str(decode),
             "--segment", "128"]
@@ -144,11 +149,12 @@ def test_decode_fixture_via_hsa_compare(name, capsys):
 
 def test_hsa_compare_decode_errors(capsys):
     """--decode without weights anywhere, or a file without the decode arrays: exit 2 with a message."""
-    decode = fixture_path("swa_hsa", "decode_a_base.npz")
-    config = str(fixture_path("swa_hsa", "model_a_base.config.json"))
+    name = DECODE_FIXTURES[0]
+    decode = fixture_path("swa_hsa", f"{name}.npz")
+    config = str(fixture_path("swa_hsa", f"{model_of(name)}.config.json"))
     assert compare.main(["--model-type", "swa_hsa", "--config", config, "--decode", str(decode)]) == 2
     assert "holds no param/ arrays" in capsys.readouterr().err
-    model_npz = str(fixture_path("swa_hsa", "model_a_base.npz"))
+    model_npz = str(fixture_path("swa_hsa", f"{model_of(name)}.npz"))
     assert compare.main(["--model-type", "swa_hsa", "--config", config, "--decode", model_npz,
                          "--reference", model_npz]) == 2
     assert "no 'prompt_ids' array" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fixture_path, load_npz
+from conftest import fixture_names, fixture_path, load_npz
 from hsa_jax.cli import compare
 from hsa_jax.common.interop import (CheckpointMismatchError, export_state_dict, load_state_dict, read_state_dict,
                              save_safetensors)
@@ -82,7 +82,7 @@ def test_torch_bin_is_read_with_weights_only(tmp_path):
 
 
 def test_hsa_compare_cli_exit_codes(tmp_path, capsys):
-    name = "model_d_no_encoder"
+    name = fixture_names("swa_hsa", "model_*.npz")[-1][:-len(".npz")]  # one with per-layer hidden states
     config = fixture_path("swa_hsa", f"{name}.config.json")
     ref = load_npz("swa_hsa", f"{name}.npz")
     assert compare.main(["--model-type", "swa_hsa", "--config", str(config), "--reference",
