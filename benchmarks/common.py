@@ -1,10 +1,11 @@
 """What the attention-op benchmarks (hsa_kernel.py, gca_kernel.py) share: the timer, the error
-measure, jit'd forward / forward+backward of an op, the GPU check loop, the common flags, the
-markdown table and the result files."""
+measure, jit'd forward / forward+backward of an op, the common flags and their parsing, the GPU check
+loop, the timing loop over shapes, the markdown table and the result files."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -60,6 +61,29 @@ def parser(doc: str, default_shapes: list[str], shape_fields: str, impls: str, i
     ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks before timing")
     ap.add_argument("--out", default=None, help="directory for results.json and table.md")
     return ap
+
+
+def start(args, params_cls):
+    """The common flags parsed: -> shapes (tuples), impls, params (params_cls from --params JSON), a fresh
+    key (new inputs every run) and the results dict, after printing the device line."""
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    impls = args.impls.split(",")
+    params = params_cls(**json.loads(args.params))
+    key = jax.random.key(int(time.time()))
+    dev = jax.devices()[0]
+    print(f"# device: {dev.device_kind}; jax {jax.__version__}; params {params}", flush=True)
+    return shapes, impls, params, key, {"device": dev.device_kind, "params": dataclasses.asdict(params)}
+
+
+def time_shapes(shapes, bench, key):
+    """bench(shape, key) -> row {"shape", impl: (fwd ms, fwd+bwd ms), ...} for each shape, printed; -> rows."""
+    rows = []
+    for shape in shapes:
+        key, sub = jax.random.split(key)
+        row = bench(shape, sub)
+        rows.append(row)
+        print(f"timed {shape}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "shape"), flush=True)
+    return rows
 
 
 def run_checks(cases, check, key):

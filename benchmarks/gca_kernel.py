@@ -16,13 +16,12 @@ and P = 65, plus a GQA and a head-dim-128 variant. FLOPs: 4*B*HQ*Lq*K*Lk*D per f
 from __future__ import annotations
 
 import functools
-import json
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import fwd_and_grad_fns, markdown_table, parser, rel_err, run_checks, time_ms, write_results
+from benchmarks.common import (fwd_and_grad_fns, markdown_table, parser, rel_err, run_checks, start, time_ms,
+                               time_shapes, write_results)
 from pallas_kernels.gca import GCAParams, gca_attention, gca_attention_pallas
 
 DEFAULT_SHAPES = ["259,12,12,64,8,64,64", "1036,12,12,64,8,64,64", "1036,12,12,65,8,64,64",
@@ -90,13 +89,7 @@ def main():
                     help="run the Pallas kernels in interpret mode (a CPU smoke test of this script; times mean nothing)")
     args = ap.parse_args()
 
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    impls = args.impls.split(",")
-    params = GCAParams(**json.loads(args.params))
-    key = jax.random.key(int(time.time()))  # fresh inputs every run
-    dev = jax.devices()[0]
-    print(f"# device: {dev.device_kind}; jax {jax.__version__}; params {params}", flush=True)
-    results = {"device": dev.device_kind, "params": vars(params)}
+    shapes, impls, params, key, results = start(args, GCAParams)
 
     if not args.no_check:
         # Interpret mode runs each program in Python-level loops on the CPU: one batch row per case.
@@ -106,12 +99,7 @@ def main():
         if not all(c["ok"] for c in checks):
             raise SystemExit("correctness check failed: not timing")
 
-    rows = []
-    for shape in shapes:
-        key, sub = jax.random.split(key)
-        row = bench_shape(shape, sub, impls, params, args.interpret)
-        rows.append(row)
-        print(f"timed {shape}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "shape"), flush=True)
+    rows = time_shapes(shapes, lambda shape, sub: bench_shape(shape, sub, impls, params, args.interpret), key)
     results["rows"] = rows
     table = markdown_table(rows, impls, "B, HQ, H, Lq, K, Lk, D", flops_fwd)
     print(table)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import fwd_and_grad_fns, markdown_table, parser, rel_err, run_checks, time_ms, write_results
+from benchmarks.common import (fwd_and_grad_fns, markdown_table, parser, rel_err, run_checks, start, time_ms,
+                               time_shapes, write_results)
 from pallas_kernels import hsa
 from pallas_kernels.hsa import KernelParams, hsa_attention, hsa_attention_pallas
 
@@ -190,13 +189,7 @@ def main():
                     help="also time the Pallas op with correlated indices (neighbouring tokens share chunks)")
     args = ap.parse_args()
 
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    impls = args.impls.split(",")
-    params = KernelParams(**json.loads(args.params))
-    key = jax.random.key(int(time.time()))  # fresh inputs every run
-    dev = jax.devices()[0]
-    print(f"# device: {dev.device_kind}; jax {jax.__version__}; params {params}", flush=True)
-    results = {"device": dev.device_kind, "params": dataclasses.asdict(params)}
+    shapes, impls, params, key, results = start(args, KernelParams)
 
     if not args.no_check:
         checks, key = run_checks(CHECK_CASES, lambda case, sub: check_case(case, sub, params), key)
@@ -218,16 +211,15 @@ def main():
                 print(f"sweep {shape} {over}: " + " ".join(f"{k}={v:.4f}" for k, v in t.items()), flush=True)
         results["sweep"] = sweep
 
-    rows = []
-    for shape in shapes:
-        key, sub = jax.random.split(key)
+    def bench(shape, sub):
         row = bench_shape(shape, sub, impls, params)
         if args.breakdown:
             row["breakdown"] = breakdown(shape, sub, params)
         if args.correlated:
             row["pallas_correlated"] = bench_shape(shape, sub, ["pallas"], params, correlated=True)["pallas"]
-        rows.append(row)
-        print(f"timed {shape}: " + " ".join(f"{k}={v}" for k, v in row.items() if k != "shape"), flush=True)
+        return row
+
+    rows = time_shapes(shapes, bench, key)
     results["rows"] = rows
     lines = [markdown_table(rows, impls, "Z, L, HQ, H, D, K, S", flops), *growth(rows, impls)]
     if args.correlated:
