@@ -78,3 +78,17 @@ def rel_err(actual, expected) -> float:
 def pytest_report_header(config):
     root, source = fixtures_root()
     return f"golden fixtures: {root} ({source})"
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh random seed per test, printed; $KERNEL_TEST_SEED reproduces a run (pallas_kernels/testing.py)."""
+    from pallas_kernels.testing import announce_seed
+
+    return announce_seed(request)
+
+
+@pytest.fixture
+def rng(seed):
+    """numpy Generator from `seed` (the kernel tests' inputs)."""
+    return np.random.default_rng(seed)

@@ -20,7 +20,7 @@ from conftest import fixture_names, load_npz, rel_err
 from pallas_kernels import gca
 from pallas_kernels.gca import GCAParams, gca_attention, gca_attention_pallas
 from pallas_kernels.reference import hsa_attention_reference
-from pallas_kernels.testing import KERNEL_IMPLS, announce_seed
+from pallas_kernels.testing import KERNEL_IMPLS
 
 # max |kernel - reference| / max |reference|, by the dtype of each output (o, dq, dk, dv in q's dtype;
 # dw in the weights' fp32). Measured in interpret mode, 6 seeds x the 11 GRID cases: fp32 o/dq/dk/dv
@@ -32,14 +32,7 @@ DW_TOL = 1e-5
 OUTPUTS = ("o", "dq", "dk", "dv", "dw")
 
 
-@pytest.fixture
-def seed(request):
-    return announce_seed(request)  # printed; $KERNEL_TEST_SEED reproduces a run
-
-
-@pytest.fixture
-def rng(seed):
-    return np.random.default_rng(seed)
+# Fixtures `seed` and `rng`: tests/conftest.py.
 
 
 def _inputs(rng, *, B, HQ, H, Lq, K, Lk, D, dtype, zero_last_key=False):

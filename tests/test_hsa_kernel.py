@@ -23,7 +23,7 @@ from pallas_kernels import hsa
 from pallas_kernels.common import resolve_impl
 from pallas_kernels.hsa import KernelParams, hsa_attention, hsa_attention_pallas
 from pallas_kernels.reference import hsa_attention_reference
-from pallas_kernels.testing import KERNEL_IMPLS, announce_seed
+from pallas_kernels.testing import KERNEL_IMPLS
 
 # max |kernel - reference| / max |reference|, by the dtype of each output (o, dq, dk, dv in q's dtype;
 # dw in the weights' fp32). Measured in interpret mode, 5 seeds x the 10 GRID cases: fp32 outputs
@@ -34,14 +34,7 @@ TOL = {"float32": 5e-6, "bfloat16": 1e-2}
 OUTPUTS = ("o", "dq", "dk", "dv", "dw")
 
 
-@pytest.fixture
-def seed(request):
-    return announce_seed(request)  # printed; $KERNEL_TEST_SEED reproduces a run
-
-
-@pytest.fixture
-def rng(seed):
-    return np.random.default_rng(seed)
+# Fixtures `seed` and `rng`: tests/conftest.py.
 
 
 def _inputs(rng, *, N, L, Lkv, HQ, H, D, S, K, Q, dtype, invalid=True):

@@ -1,11 +1,8 @@
 """`hsa-eval`: RULER-style retrieval accuracy and perplexity over a sweep of context lengths.
 
-Every sample is built from a haystack window of the token index (window i of length L starts at i*L,
-clamped to total - L - 1, as the original's sequential LongRNNDataset), turned into a task by
-hsa_jax.eval.ruler (as the original builds it), and scored as eval_ruler.py does: q ++ a is fed teacher
-forced through the cached decoder (segmented prefill), and a sample is a hit iff the argmax predicts
-every answer token but the final EOS. Perplexity at length L: mean NLL of windows of L + 1 tokens
-(all L predictions, and the second half alone: the tokens with at least L/2 of context).
+How samples are built from haystack windows and scored, and what the perplexity averages: the
+docstring of hsa_jax/eval/longctx.py, the library this command drives (tasks: docs/model_math.md
+"RULER tasks").
 
     hsa-eval --checkpoint runs/extrapolation_tiny --haystack runs/extrapolation_data/haystack \
         --tokenizer bytes --tasks s_niah --lengths 512,4096,16384,32768 --samples 20 --out runs/eval
