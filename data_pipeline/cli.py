@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 from .build import DEFAULT_SHARD_TOKENS, build_index, import_raw
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     try:
         if args.command == "verify":
+            if not Path(args.dir).is_dir():  # bad input (exit 2), not a damaged index (exit 1)
+                raise DataPipelineError(f"{args.dir}: no such index folder")
             report = verify_index(args.dir, progress=progress)
             print(report.summary())
             return 0 if report.ok else 1
