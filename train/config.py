@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 from typing import Any
 
 import yaml
@@ -155,7 +156,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Loads a YAML run config (None: the embedded default, configs/tiny.yaml) and applies overrides."""
-    path = pathlib.Path(path) if path else DEFAULT_CONFIG
+    path = pathlib.Path(path) if path else default_config()
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -166,4 +167,16 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> T
         raise ConfigError(f"{path}: {e}") from e
 
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+def default_config() -> pathlib.Path:
+    """configs/tiny.yaml: in a source checkout beside this package; in an installed wheel under
+    <prefix>/share/hsa-jax/configs/ (pyproject's data-files), the prefix being the environment's or the
+    one the package was installed into (<prefix>/lib/pythonX.Y/site-packages/train/config.py)."""
+    here = pathlib.Path(__file__).resolve()
+    candidates = [here.parent.parent / "configs" / "tiny.yaml",
+                  *(pathlib.Path(base) / "share" / "hsa-jax" / "configs" / "tiny.yaml"
+                    for base in (here.parents[4] if len(here.parents) > 4 else here.parent, sys.prefix))]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"the embedded default run config is missing from this install (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)}); pass --config FILE")
