@@ -57,3 +57,39 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     one_line_error(cli("hsa_jax.cli.export", missing, tmp_path / "out"), str(missing))
     assert not missing.exists()  # asked to read: never created
     assert not (tmp_path / "out").exists()
+
+
+def documented_commands():
+    """(file, script, subcommand, flags) of every console-script command in the README's and docs' code
+    blocks (backslash continuations joined)."""
+    out = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        blocks = doc.read_text().split("```")[1::2]
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                words = line.split("#")[0].split()
+                for i, w in enumerate(words):
+                    name = w.rsplit("/", 1)[-1]
+                    if name in SCRIPTS:
+                        rest = words[i + 1:]
+                        sub = rest[0] if name == "hsa-preprocess" and rest and not rest[0].startswith("-") else None
+                        flags = sorted({r.split("=")[0] for r in rest if r.startswith("--")})
+                        out.append((doc.name, name, sub, flags))
+                        break
+    return out
+
+
+def test_documented_commands_use_existing_flags():
+    """Every flag the README and docs show for a console script is one its --help documents (a renamed or
+    removed flag, like hsa-eval's old --set, fails here)."""
+    cmds = documented_commands()
+    assert len(cmds) > 10 and {c[1] for c in cmds} >= {"hsa-train", "hsa-eval", "hsa-compare", "hsa-preprocess"}
+    helps = {}
+    for doc, script, sub, flags in cmds:
+        key = (script, sub)
+        if key not in helps:
+            r = cli(SCRIPTS[script], *([sub] if sub else []), "--help")
+            assert r.returncode == 0, (doc, script, sub, r.stderr[-500:])
+            helps[key] = r.stdout
+        missing = [f for f in flags if f not in helps[key]]
+        assert not missing, f"{doc}: {script} {sub or ''} documents {missing}, which its --help does not have"
