@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from hsa_jax.common.checkpoint import config_restore_args, save_args, state_restore_args
 from hsa_jax.common.config import ConfigError
 from train.distributed import barrier
+from train.workdir import model_mismatch, stamp
 
 
 class CheckpointError(ConfigError):
@@ -47,8 +48,6 @@ class Checkpointer:
         A checkpoint of another model (its stored config vs `config`) is a CheckpointError; an unreadable
         one is moved aside to <step>.corrupt-<time> (so that the step can be saved again) and the previous
         one is tried."""
-        from train.workdir import model_mismatch, stamp  # workdir imports nothing of this module
-
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**target_state, "rng": rng_data})
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = self.directory / str(step)

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from data_pipeline import DataPipelineError
+from data_pipeline.index import atomic_write
 from hsa_jax.common.config import ConfigError
 from hsa_jax.registry import family
 from train import distributed
@@ -85,14 +86,13 @@ class MetricsLog:
         self.path = workdir / "metrics.jsonl"
         if self.path.exists():  # entries past the checkpoint we resume from will be redone: set them aside
             lines = [l for l in self.path.read_text().splitlines() if l.strip()]
-            later = [l for l in lines if json.loads(l)["step"] > resumed_step]
-            if later:
+            later = [json.loads(l)["step"] > resumed_step for l in lines]
+            if any(later):
+                keep = "".join(l + "\n" for l, redo in zip(lines, later) if not redo)
                 aside = workdir / f"metrics.redone-{stamp()}.jsonl"
-                aside.write_text("".join(l + "\n" for l in later))
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= resumed_step))
-                os.replace(tmp, self.path)
-                log(f"metrics past step {resumed_step} ({len(later)} lines) will be redone; kept in {aside.name}")
+                aside.write_text("".join(l + "\n" for l, redo in zip(lines, later) if redo))
+                atomic_write(self.path, keep.encode())
+                log(f"metrics past step {resumed_step} ({sum(later)} lines) will be redone; kept in {aside.name}")
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 

@@ -18,6 +18,7 @@ import os
 import pathlib
 
 from data_pipeline import DirLock
+from data_pipeline.index import atomic_write_json
 from hsa_jax.common.config import ConfigError
 from hsa_jax.registry import family
 
@@ -80,9 +81,7 @@ class Workdir:
     def start(self, config: dict) -> None:
         """The run is starting: record its config (process 0; atomic)."""
         if self.primary:
-            tmp = self.path / "config.json.tmp"
-            tmp.write_text(json.dumps(config, indent=1))
-            os.replace(tmp, self.path / "config.json")
+            atomic_write_json(self.path / "config.json", config)
 
     def close(self) -> None:
         self.lock.release()
