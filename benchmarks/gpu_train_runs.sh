@@ -2,11 +2,11 @@
 # The GPU training runs of docs/benchmarks.md, on a host with 2 GPUs (python3 with jax[cuda] and the
 # project's dependencies; grain carried as wheels where the image lacks it). Each stage prints one table
 # (benchmarks/train_table.py). Usage: bash benchmarks/gpu_train_runs.sh STAGE... (stages below).
-#   scale125   125M: 1 GPU; FSDP=2 without and with the collective-overlap flags; data parallel 2 GPUs
+#   scale125   125M: 1 GPU unrolled (the default) and scanned; FSDP=2 without and with the collective-overlap flags; data
+#              parallel 2 GPUs; each run traces 2 steps after its timed ones (benchmarks/trace_summary.py)
 #   procs      125M: 2 processes x 1 GPU (NCCL), SIGTERM to process 1, resume on 1 process x 1 GPU
-#   scale370   370M: 1 GPU (remat none and layer), FSDP=2
+#   scale370   370M: 1 GPU (unrolled with remat none, scanned with remat layer), FSDP=2 both ways (fsdp370: FSDP alone)
 #   scale1b    ~1.3B: 1 GPU
-#   onegpu     what needs one GPU only: 125M, 370M (remat layer and none) and ~1.3B, short runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -17,25 +17,32 @@ COMMON=(data.index=bundled log_every=10 eval_every=100000 eval_batches=1 checkpo
 train() {  # train NAME TIMEOUT ARGS...: one single-process run into $RUNS/NAME
   local name=$1 limit=$2; shift 2
   echo "+ hsa-train $* workdir=$RUNS/$name"
+  rm -rf "${RUNS:?}/$name"  # a fresh run: a workdir left by an earlier call would be resumed
   timeout "$limit" python3 -m train.main "$@" "${COMMON[@]}" workdir="$RUNS/$name" 2>&1 \
     | grep -v -e '^W[0-9]' -e '^I[0-9]' -e 'train: *[0-9]*%' | tail -4
 }
 
 table() { python3 benchmarks/train_table.py "$@" --from-step 10; }
+traces() { for d in "$@"; do python3 benchmarks/trace_summary.py "$d/profile" --top 6; done; }
 
 for stage in "$@"; do
   case $stage in
   scale125)
-    C=(--config configs/swa_hsa_125m.yaml steps=40)
-    CUDA_VISIBLE_DEVICES=0 train r125_1gpu 300 "${C[@]}"
-    train r125_fsdp2_nooverlap 300 "${C[@]}" global_batch_size=16 mesh.data=1 mesh.fsdp=2 run.collective_overlap=false
-    train r125_fsdp2 300 "${C[@]}" global_batch_size=16 mesh.data=1 mesh.fsdp=2
-    train r125_dp2 300 "${C[@]}" global_batch_size=16 mesh.data=2 mesh.fsdp=1
-    table "$RUNS"/r125_1gpu "$RUNS"/r125_fsdp2_nooverlap "$RUNS"/r125_fsdp2 "$RUNS"/r125_dp2
+    C=(--config configs/swa_hsa_125m.yaml steps=42 run.profile_from=40 run.profile_steps=2)
+    CUDA_VISIBLE_DEVICES=0 train r125_1gpu 200 "${C[@]}"
+    CUDA_VISIBLE_DEVICES=0 train r125_1gpu_scanned 200 "${C[@]}" run.scan_layers=true
+    S=("${C[@]}" global_batch_size=16 run.scan_layers=true)  # scanned: each layer's all-gather sits in the loop
+    train r125_fsdp2_nooverlap 200 "${S[@]}" mesh.data=1 mesh.fsdp=2 run.collective_overlap=false
+    train r125_fsdp2 200 "${S[@]}" mesh.data=1 mesh.fsdp=2
+    train r125_dp2 200 "${S[@]}" mesh.data=2 mesh.fsdp=1
+    R=("$RUNS"/r125_1gpu "$RUNS"/r125_1gpu_scanned "$RUNS"/r125_fsdp2_nooverlap "$RUNS"/r125_fsdp2 "$RUNS"/r125_dp2)
+    table "${R[@]}"
+    traces "${R[@]}"
     ;;
   procs)
     W=$RUNS/r125_2proc
-    A=(--config configs/swa_hsa_125m.yaml steps=50 global_batch_size=16 mesh.data=2 mesh.fsdp=1 "${COMMON[@]}"
+    rm -rf "$W" "$W.interrupted"
+    A=(--config configs/swa_hsa_125m.yaml steps=50 global_batch_size=16 mesh.data=2 mesh.fsdp=1 run.scan_layers=true "${COMMON[@]}"
        workdir="$W")
     echo "+ 2 processes x 1 GPU: hsa-train --coordinator localhost:9476 --num-processes 2 --process-id I --local-devices I ${A[*]}"
     for i in 0 1; do
@@ -49,32 +56,32 @@ for stage in "$@"; do
     grep -h -e 'SIGTERM' -e 'steps ' -e 'error' -e 'preemption' "$RUNS"/proc*.log | grep -v '^W[0-9]'
     ls "$W/checkpoints"
     cp -r "$W" "$W.interrupted"
-    echo "+ resume on 1 process x 1 GPU (same global batch)"
-    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m train.main "${A[@]}" mesh.data=1 2>&1 \
+    echo "+ resume on 1 process x 1 GPU (same global batch of 16, as 2 micro-batches of 8 to fit one GPU)"
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m train.main "${A[@]}" mesh.data=1 optim.grad_accum=2 2>&1 \
       | grep -v -e '^W[0-9]' -e '^I[0-9]' -e 'train: *[0-9]*%' | tail -4
     table "$W.interrupted" "$W"
     ;;
-  scale370)
-    C=(--config configs/swa_hsa_370m_pile.yaml steps=40 seq_len=8192 global_batch_size=8 optim.grad_accum=1)
-    CUDA_VISIBLE_DEVICES=0 train r370_1gpu 400 "${C[@]}" run.remat=none
-    CUDA_VISIBLE_DEVICES=0 train r370_1gpu_remat 400 "${C[@]}" run.remat=layer
-    train r370_fsdp2 400 "${C[@]}" global_batch_size=16 mesh.data=1 mesh.fsdp=2 run.remat=none
-    table "$RUNS"/r370_1gpu "$RUNS"/r370_1gpu_remat "$RUNS"/r370_fsdp2
+  scale370|fsdp370)  # scanned with remat none runs out of memory at 8 x 8192 (139 GiB; FSDP=2: 143 GiB)
+    C=(--config configs/swa_hsa_370m_pile.yaml steps=32 seq_len=8192 global_batch_size=8 optim.grad_accum=1
+       run.profile_from=30 run.profile_steps=2)
+    R=()
+    if [ "$stage" = scale370 ]; then
+      CUDA_VISIBLE_DEVICES=0 train r370_1gpu_unrolled 300 "${C[@]}" run.remat=none run.scan_layers=false
+      CUDA_VISIBLE_DEVICES=0 train r370_1gpu_remat 300 "${C[@]}" run.remat=layer run.scan_layers=true
+      R=("$RUNS"/r370_1gpu_unrolled "$RUNS"/r370_1gpu_remat)
+    fi
+    F=("${C[@]}" global_batch_size=16 mesh.data=1 mesh.fsdp=2)
+    train r370_fsdp2 300 "${F[@]}" run.remat=none run.scan_layers=false
+    train r370_fsdp2_scanned 300 "${F[@]}" run.remat=layer run.scan_layers=true
+    R+=("$RUNS"/r370_fsdp2 "$RUNS"/r370_fsdp2_scanned)
+    table "${R[@]}"
+    traces "${R[@]}"
     ;;
   scale1b)
     C=(--config configs/swa_hsa_1b.yaml steps=30 seq_len=8192 global_batch_size=8 optim.grad_accum=1)
-    CUDA_VISIBLE_DEVICES=0 train r1b_1gpu 500 "${C[@]}"
+    CUDA_VISIBLE_DEVICES=0 train r1b_1gpu 300 "${C[@]}" run.profile_from=28 run.profile_steps=2
     table "$RUNS"/r1b_1gpu
-    ;;
-  onegpu)
-    export CUDA_VISIBLE_DEVICES=0
-    train r125_1gpu 110 --config configs/swa_hsa_125m.yaml steps=30
-    C=(seq_len=8192 global_batch_size=8 optim.grad_accum=1 steps=30)
-    train r370_1gpu_remat 150 --config configs/swa_hsa_370m_pile.yaml "${C[@]}" run.remat=layer
-    train r1b_1gpu 170 --config configs/swa_hsa_1b.yaml "${C[@]}" steps=20 run.remat=layer
-    train r370_1gpu 100 --config configs/swa_hsa_370m_pile.yaml "${C[@]}" run.remat=none
-    table "$RUNS"/r125_1gpu "$RUNS"/r370_1gpu_remat "$RUNS"/r370_1gpu "$RUNS"/r1b_1gpu
-    unset CUDA_VISIBLE_DEVICES
+    traces "$RUNS"/r1b_1gpu
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -1,5 +1,6 @@
 """Summarise hsa-train workdirs as one markdown table: first step (compilation included), median step
-time, tokens/s and MFU over the logged windows from --from-step on, and the loss.
+time, tokens/s and MFU over the logged windows from --from-step on (up to the traced steps, if any), and
+the loss.
 
     python3 benchmarks/train_table.py /tmp/r_125m /tmp/r_370m --from-step 20
 """
@@ -16,7 +17,9 @@ import sys
 def summarise(workdir: pathlib.Path, from_step: int) -> dict:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
     cfg = json.loads((workdir / "config.json").read_text())
-    timed = [r for r in rows if "step_time_s" in r and r["step"] > from_step]
+    run = cfg["run"]
+    traced_from = run["profile_from"] if run.get("profile_steps") else float("inf")  # the profiler slows its window
+    timed = [r for r in rows if "step_time_s" in r and from_step < r["step"] <= traced_from]
     losses = [r for r in rows if "loss" in r]
     first = next((r["first_step_s"] for r in rows if "first_step_s" in r), None)
     med = lambda key: statistics.median(r[key] for r in timed) if timed and key in timed[0] else None

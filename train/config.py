@@ -73,8 +73,13 @@ class RunConfig:
     seed: int = 0
     nan_policy: str = "skip"
     remat: str = "none"
-    scan_layers: bool = True  # identical consecutive layers as one scan: compile time independent of depth
+    # true: identical consecutive layers run as one scan (compile time independent of depth; use with
+    # remat=layer: a scan without remat keeps every layer's intermediates, 370M at 8K ran out of memory).
+    # false: unrolled, faster per step (H200: 125M 0.141 vs 0.176 s; docs/benchmarks.md)
+    scan_layers: bool = False
     collective_overlap: bool = True  # GPU: XLA flags that overlap FSDP/data-parallel collectives (train/xla_flags.py)
+    profile_steps: int = 0  # > 0: trace that many steps with jax.profiler into WORKDIR/profile (process 0)
+    profile_from: int = 10  # the traced steps start after this step (compilation and warm-up excluded)
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "run": RunConfig}
@@ -106,6 +111,9 @@ class TrainConfig:
                      "a positive integer")
         require(r.nan_policy in NAN_POLICIES, "run.nan_policy", r.nan_policy, f"one of {NAN_POLICIES}")
         require(r.remat in REMAT_POLICIES, "run.remat", r.remat, f"one of {REMAT_POLICIES}")
+        for name in ("profile_steps", "profile_from"):
+            require(isinstance(getattr(r, name), int) and getattr(r, name) >= 0, f"run.{name}", getattr(r, name),
+                     "an integer >= 0")
         require(isinstance(r.collective_overlap, bool), "run.collective_overlap", r.collective_overlap, "true or false")
         for name in ("data", "fsdp", "tensor"):
             v = getattr(m, name)

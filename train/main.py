@@ -36,6 +36,7 @@ from train.flops import peak_flops_per_device, train_flops_per_token
 from train.sharding import (batch_sharding, global_batch, make_mesh, merge_rules, param_shardings, place, replicate,
                             replicated, unsharded_report)
 from train.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
+from train.trace import StepTracer
 from train.workdir import Workdir, stamp
 from train.xla_flags import add_overlap_flags
 
@@ -200,11 +201,16 @@ def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
                disable=not primary)
     window_start, window_steps = time.perf_counter(), 0
     step, row_start = start, process_rows(cfg)
+    tracer = StepTracer(workdir.path / "profile", cfg.run.profile_from, cfg.run.profile_steps, enabled=primary,
+                        log=log)
     try:
         while step < cfg.run.steps:
             ids = global_batch(next(batches)["input_ids"], batch_sharding(mesh), row_start)
+            tracer.before(step)
             state, m = train_step(state, ids, jax.random.fold_in(base_rng, step))
             step += 1
+            if tracer.after(step, state):
+                log(f"traced steps {tracer.first + 1}-{step} into {tracer.directory}")
             window_steps += 1
             bar.update(1)
             if step == start + 1:  # keep compilation out of the throughput numbers
@@ -245,6 +251,7 @@ def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
                 log(f"SIGTERM: saved checkpoint {step}, exiting")
                 break
     finally:
+        tracer.close()
         bar.close()
         metrics.close()
         ckpt.wait()

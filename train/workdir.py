@@ -22,7 +22,7 @@ from data_pipeline.index import atomic_write_json
 from hsa_jax.common.config import ConfigError
 from hsa_jax.registry import family
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "profile")
 
 
 def stamp() -> str:
