@@ -63,24 +63,6 @@ def test_npz_and_legacy_embedding_key(tmp_path):
         read_state_dict(tmp_path / "w.txt")
 
 
-def test_torch_bin_is_read_with_weights_only(tmp_path):
-    torch = pytest.importorskip("torch")
-    cfg = tiny()
-    a = SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(6))
-    torch.save({k: torch.from_numpy(v) for k, v in export_state_dict(a).items()}, tmp_path / "w.bin")
-    b = SWAHSAForCausalLM(cfg, rngs=nnx.Rngs(7))
-    load_state_dict(b, read_state_dict(tmp_path / "w.bin"))
-    ids = random_ids(1, 32)
-    np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-    torch.save({"x": Evil()}, tmp_path / "evil.bin")
-    with pytest.raises(Exception, match="[Ww]eights only"):
-        read_state_dict(tmp_path / "evil.bin")
-
-
 def test_hsa_compare_cli_exit_codes(tmp_path, capsys):
     name = fixture_names("swa_hsa", "model_*.npz")[-1][:-len(".npz")]  # one with per-layer hidden states
     config = fixture_path("swa_hsa", f"{name}.config.json")

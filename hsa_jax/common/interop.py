@@ -3,8 +3,9 @@
 The NNX attribute paths mirror the original module names, so a parameter's original key is its path
 joined by dots, with two renames: a Dense `kernel` is torch's Linear `weight` transposed, and an Embed
 `embedding` is torch's Embedding `weight`. Readers: `.safetensors`, `.npz` (keys `param/<key>` or bare
-keys) and, when torch is installed, `.bin`/`.pt` through `torch.load(weights_only=True)` so that a
-checkpoint can never run code. The writer produces `.safetensors`.
+keys) and `.bin`/`.pt` (torch.save's zip format, read without torch by `torch_format`, which like
+`torch.load(weights_only=True)` never runs code from the file; the legacy pre-1.6 format needs torch).
+The writer produces `.safetensors`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from hsa_jax.common.torch_format import read_torch_file
 
 TIED_HEAD_KEY = "lm_head.weight"  # the LM head of both originals; with tied embeddings it is the embedding
 
@@ -57,15 +60,21 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
                 return {k[len("param/"):]: data[k] for k in keys if k.startswith("param/")}
             return {k: data[k] for k in keys}
     if suffix in (".bin", ".pt", ".pth"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs torch: pip install 'hsa-jax[torch]'") from e
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # torch.save's zip format (torch >= 1.6): read without torch, weights only
+            sd = read_torch_file(path)
+        except NotImplementedError as legacy:
+            try:
+                import torch
+            except ImportError:
+                raise ValueError(f"{legacy}; reading it needs torch: pip install 'hsa-jax[torch]'") from None
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(sd, dict):
+                sd = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() if hasattr(v, "numpy") else v
+                      for k, v in sd.items()}
         if not isinstance(sd, dict):
             raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict")
-        return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()
-                if hasattr(v, "numpy")}
+        return {k: v.astype(np.float32) if v.dtype == jnp.bfloat16 else v for k, v in sd.items()
+                if isinstance(v, np.ndarray)}
     raise ValueError(f"unknown checkpoint format {path.suffix!r} for {path}: use .safetensors, .npz, .bin or .pt")
 
 
