@@ -278,6 +278,29 @@ def test_hsa_eval_end_to_end(tiny_model, tmp_path, capsys):
     assert 0 <= lo <= record["tasks"]["s_niah"]["1024"]["accuracy"] <= hi <= 1
     assert 1.0 < record["perplexity"]["256"]["ppl"] < 1e4
     assert (out / "accuracy.png").stat().st_size > 1000
+
+    # Accuracy, recomputed independently: the same windows and samples, the plain training forward over
+    # the whole sample (no decoder, no cache, no segments), the argmax at the answer's rows.
+    from data_pipeline import TokenIndex
+    from hsa_jax.eval.longctx import build_task, haystack_window, window_starts
+    from hsa_jax.eval.ruler import RulerTasks, TextTokenizer
+    index, builder, guesses = TokenIndex(paths["haystack"]), RulerTasks(TextTokenizer.load("bytes")), set()
+    for name in ("s_niah", "passkey"):
+        for L in (256, 1024):
+            got = record["tasks"][name][str(L)]
+            starts = window_starts(index.total_tokens, L, 2, 0)
+            assert [s["window_start"] for s in got["per_sample"]] == starts
+            for s, start in zip(got["per_sample"], starts):
+                task = build_task(builder, name, haystack_window(index, start, L))
+                ids = np.asarray(task.ids)
+                padded = np.pad(ids, (0, -len(ids) % tiny_model.cfg.chunk_size))[None]  # whole chunks
+                logits = np.asarray(tiny_model(padded))[0, :len(ids)]
+                guess = logits[len(ids) - 2 - task.scored:len(ids) - 2].argmax(-1)
+                assert s["predicted"] == guess.tolist() and s["answer"] == list(task.a[:task.scored])
+                assert s["hit"] == (s["predicted"] == s["answer"])
+                guesses.add(tuple(s["predicted"]))
+            assert got["hits"] == sum(s["hit"] for s in got["per_sample"]) and got["accuracy"] == got["hits"] / 2
+    assert len(guesses) > 1  # the predictions depend on the sample: the comparison above can fail
     assert evaluate.main(["--weights", "x", "--config", "y", "--haystack", str(paths["haystack"]),
                           "--tasks", "nope"]) == 2
     assert evaluate.main(["--weights", "x", "--config", "y", "--haystack", str(paths["haystack"]),

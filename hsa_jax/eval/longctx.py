@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from hsa_jax.eval.ruler import TASKS, RulerTasks, TextTokenizer, score
+from hsa_jax.eval.ruler import TASKS, RulerTasks, TextTokenizer, predicted_answer
 
 
 def parse_length(text: str) -> int:
@@ -62,15 +62,16 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
-def run_task(decoder, task, *, capacity=None):
-    """Teacher-forced hit/miss of one task sample through the decoder."""
+def run_task(decoder, task, *, capacity=None) -> np.ndarray:
+    """One task sample through the decoder, teacher forced: the prompt is prefilled without logits,
+    the answer's tail with them. -> the predicted answer tokens (ruler.predicted_answer)."""
     ids = np.asarray(task.ids)[None]
     tail = task.scored + 2
     cache = None
     if ids.shape[1] > tail:
         _, cache = decoder.prefill(ids[:, :-tail], logits="none", capacity=ids.shape[1])
     logits, _ = decoder.prefill(ids[:, -tail:], cache, logits="all", capacity=ids.shape[1])
-    return score(np.asarray(logits[0]), task)
+    return predicted_answer(np.asarray(logits[0]), task)
 
 
 def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: int, log=print,
@@ -81,13 +82,17 @@ def evaluate_tasks(decoder, index, tok: TextTokenizer, tasks, lengths, samples: 
         results[name] = {}
         for L in lengths:
             t0 = time.perf_counter()
-            hits = 0
+            per_sample = []
             for start in window_starts(index.total_tokens, L, samples, seed):
-                hits += run_task(decoder, build_task(builder, name, haystack_window(index, start, L)))
+                task = build_task(builder, name, haystack_window(index, start, L))
+                guess, answer = run_task(decoder, task), np.asarray(task.a[:task.scored])
+                per_sample.append({"window_start": int(start), "hit": bool(np.array_equal(guess, answer)),
+                                   "predicted": guess.tolist(), "answer": answer.tolist()})
+            hits = sum(s["hit"] for s in per_sample)
             dt = time.perf_counter() - t0
             lo, hi = wilson(hits, samples)
             results[name][str(L)] = {"accuracy": hits / samples, "hits": hits, "samples": samples,
-                                     "wilson95": [lo, hi], "seed": seed, "seconds": dt}
+                                     "wilson95": [lo, hi], "seed": seed, "seconds": dt, "per_sample": per_sample}
             log(f"hsa-eval: {name} L={L}: {hits}/{samples} (95% CI {100 * lo:.0f}-{100 * hi:.0f}%, {dt:.1f} s)")
     return results
 

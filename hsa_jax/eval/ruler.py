@@ -224,9 +224,12 @@ class RulerTasks:
 TASKS = ("s_niah", "mk_niah", "mq_niah", "vt", "passkey", "fwe")
 
 
+def predicted_answer(logits_TxV, task: Task) -> np.ndarray:
+    """With logits over ids = q ++ a (teacher forced; row t predicts ids[t+1]): the argmax at rows
+    [-2-l, -2), the model's guesses for the l = |a|-1 answer tokens before the final EOS."""
+    return np.argmax(np.asarray(logits_TxV)[-2 - task.scored:-2], axis=-1)
+
+
 def score(logits_TxV, task: Task) -> bool:
-    """The original's hit rule: with logits over ids = q ++ a (teacher forced; row t predicts ids[t+1]),
-    the argmax at rows [-2-l, -2) must equal the l = |a|-1 answer tokens before the final EOS."""
-    ell = task.scored
-    pred = np.argmax(np.asarray(logits_TxV)[-2 - ell:-2], axis=-1)
-    return bool(np.array_equal(pred, task.a[:ell]))
+    """The original's hit rule: every scored answer token predicted (predicted_answer == a[:l])."""
+    return bool(np.array_equal(predicted_answer(logits_TxV, task), task.a[:task.scored]))
