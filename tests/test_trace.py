@@ -10,7 +10,7 @@ import pytest
 
 from train.config import load_config
 from train.main import train
-from tests.test_train import SMALL, losses
+from test_train import SMALL, losses
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
 import trace_summary  # noqa: E402
