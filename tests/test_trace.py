@@ -48,3 +48,20 @@ def test_interval_union_and_uncovered_length_match_brute_force(seed):
     grid = lambda iv: np.any([(np.arange(200) >= a) & (np.arange(200) < b) for a, b in iv] or [np.zeros(200, bool)], axis=0)
     assert trace_summary.length(xs) == grid(xs).sum()
     assert trace_summary.minus(xs, ys) == (grid(xs) & ~grid(ys)).sum()
+
+
+def test_train_step_breakdown_attributes_every_kernel_to_a_model_part(capsys):
+    import train_step
+    assert train_step.category("jit(train_step)/transpose(jvp(mlp))/dot_general", "fusion.3") == "MLP"
+    assert train_step.category("jit(train_step)/jvp(chunking)/mlp/dense/dot_general", "dot.1").startswith("chunk")
+    assert train_step.category("jit(train_step)/while/body/hsa_core/pallas_call", "x") == "HSA attention (kernels)"
+    assert train_step.category("jit(train_step)/dense_layer/add", "add.2").startswith("other")  # whole names only
+    assert train_step.category("", "all-gather-start.1") == "collectives"
+    assert train_step.main(["global_batch_size=8", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| *"): line for line in out.splitlines() if line.startswith("| ")}
+    for part in ("MLP", "SWA / self-attention core", "HSA attention (kernels)", "chunk encoder, memory K/V, landmarks",
+                 "retrieval scores, top-k", "LM head", "loss (log-softmax over the vocabulary)",
+                 "optimizer (grad norm, clip, AdamW)", "attention / HSA projections"):
+        assert float(rows[part].split(" | ")[1]) > 0, part  # every scope of the model shows up
+    assert "had no HLO op name" not in out  # every traced kernel was found in the compiled program

@@ -55,7 +55,8 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
 
 def token_nll(logits_NxTxV, labels_NxT):
     """Per-token negative log-likelihood (fp32) and the valid-token mask (labels >= 0)."""
-    lp, valid = token_logprobs(logits_NxTxV, labels_NxT)
+    with jax.named_scope("loss"):
+        lp, valid = token_logprobs(logits_NxTxV, labels_NxT)
     return -lp, valid
 
 
@@ -99,9 +100,10 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
     def train_step(state, ids_BxL1, rng):
         params = state["params"]
         loss, grads = loss_and_grads(params, ids_BxL1, rng)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if nan_policy == "skip":  # drop a non-finite update entirely; the step counter still advances
             keep = lambda new, old: jnp.where(finite, new, old)

@@ -11,12 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+def scoped(name: str):
+    """Decorator: the function's ops carry jax.named_scope(name) in their op names, in the forward and
+    the backward pass, so a profile can say which part of the model a kernel belongs to
+    (benchmarks/train_step.py; XProf's op names). The scopes are the categories of that breakdown."""
+    def wrap(f):
+        @functools.wraps(f)
+        def scoped_f(*args, **kwargs):
+            with jax.named_scope(name):
+                return f(*args, **kwargs)
+        return scoped_f
+    return wrap
 
 
 def param(rngs: nnx.Rngs | None, shape, std: float | None, *, axes, dtype=jnp.float32):
@@ -36,6 +50,7 @@ class Dense(nnx.Module):
         self.kernel = param(rngs, (d_in, d_out), std, axes=axes, dtype=dtype)
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
 
+    @scoped("dense")
     def __call__(self, x):
         y = jnp.dot(x, self.kernel[...].astype(x.dtype))
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
@@ -48,6 +63,7 @@ class Embed(nnx.Module):
     def __call__(self, ids, dtype):
         return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
 
+    @scoped("lm_head")
     def attend(self, h):
         """Tied LM head: h @ embedding^T."""
         return jnp.dot(h, self.embedding[...].astype(h.dtype).T)
@@ -91,6 +107,7 @@ class SwiGLU(nnx.Module):
         self.up_proj = Dense(dim, hidden, axes=("embed", "mlp"), std=std, rngs=rngs, dtype=dtype)
         self.down_proj = Dense(hidden, dim, axes=("mlp", "embed"), std=std, rngs=rngs, dtype=dtype)
 
+    @scoped("mlp")
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -156,13 +173,15 @@ class Attention(nnx.Module):
     def __call__(self, u_NxTxD, cos, sin, window: int | None):
         # cuDNN's partitioner needs q, k and v sharded alike (FSDP can leave them differently split).
         q, k, v = (shard_batch(x) for x in self.project_qkv(u_NxTxD, cos, sin))
-        a = jax.nn.dot_product_attention(
-            q, k, v, is_causal=window is not None,
-            local_window_size=None if window is None else (window, 0),
-            implementation=attention_backend(q.dtype, self.head_dim, q.shape[1]))
+        with jax.named_scope("attn_core"):
+            a = jax.nn.dot_product_attention(
+                q, k, v, is_causal=window is not None,
+                local_window_size=None if window is None else (window, 0),
+                implementation=attention_backend(q.dtype, self.head_dim, q.shape[1]))
         return self.o_proj(a.reshape(*u_NxTxD.shape[:2], self.heads * self.head_dim))
 
 
+@scoped("attn_core")
 def sliding_window_attention(q_NxLxHxD, k_NxMxHkvxD, v_NxMxHkvxD, window: int, *, start=0, slopes_H=None,
                              block: int = 0):
     """Causal sliding-window attention, banded: the query at position p sees the keys at p-window .. p.
@@ -278,6 +297,7 @@ class ChunkEncoder(nnx.Module):
         self.norm = RMSNorm(dim, ENCODER_NORM_EPS, dtype=dtype)
         self.head_dim = head_dim
 
+    @scoped("chunking")
     def __call__(self, x_BxPxD, dropout_rng=None):
         """x (B, P, D): B independent chunks -> (B, P, D). dropout_rng: the blocks' MLP-input dropout."""
         positions = jnp.arange(x_BxPxD.shape[1])[None]

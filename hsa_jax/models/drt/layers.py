@@ -45,14 +45,15 @@ class DRTAttention(nnx.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend = attention_backend(q.dtype, self.head_dim, T)  # cuDNN flash for 16-bit on GPU
-        if window is None:
-            a = jax.nn.dot_product_attention(q, k, v, implementation=backend)
-        elif self.alibi_slopes is not None:
-            a = sliding_window_attention(q, k, v, window, slopes_H=jnp.asarray(self.alibi_slopes, jnp.float32),
-                                         block=ALIBI_BLOCK)
-        else:
-            a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend,
-                                             local_window_size=None if window >= T - 1 else (window, 0))
+        with jax.named_scope("attn_core"):
+            if window is None:
+                a = jax.nn.dot_product_attention(q, k, v, implementation=backend)
+            elif self.alibi_slopes is not None:
+                a = sliding_window_attention(q, k, v, window, slopes_H=jnp.asarray(self.alibi_slopes, jnp.float32),
+                                             block=ALIBI_BLOCK)
+            else:
+                a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend,
+                                                 local_window_size=None if window >= T - 1 else (window, 0))
         return self.o_proj(a.reshape(N, T, self.heads * self.head_dim))
 
 
@@ -104,8 +105,9 @@ class GroupCrossAttention(nnx.Module):
         C, H, d = T // P, self.heads, D // self.heads
         q = self.q_proj(self.pre_norm(a_NxTxD[:, P:]))  # chunks 1..C-1 only: chunk 0 retrieves nothing
         q_RxHxPxd = q.reshape(N, C - 1, P, H, d).transpose(0, 1, 3, 2, 4).reshape(N * (C - 1), H, P, d)
-        o = gca_attention(q_RxHxPxd, k_RxHxKxLkxd.astype(q.dtype), v_RxHxKxLkxd.astype(q.dtype), w_RxK,
-                          impl=impl)
+        with jax.named_scope("gca_core"):
+            o = gca_attention(q_RxHxPxd, k_RxHxKxLkxd.astype(q.dtype), v_RxHxKxLkxd.astype(q.dtype), w_RxK,
+                              impl=impl)
         o = self.o_proj(o.reshape(N, C - 1, H, P, d).transpose(0, 1, 3, 2, 4).reshape(N, T - P, D))
         return jnp.concatenate([jnp.zeros((N, P, D), o.dtype), o], axis=1)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
-from hsa_jax.common.layers import (ENCODER_NORM_EPS, Attention, ChunkEncoder, Dense, RMSNorm, SwiGLU,
+from hsa_jax.common.layers import (ENCODER_NORM_EPS, Attention, ChunkEncoder, Dense, RMSNorm, SwiGLU, scoped,
                                    TransformerBlock, param)
 
 MEMORY_EPS = 1e-6  # Liger's default: the original passes no eps to the chunking/retrieval/HSA norms
@@ -66,6 +66,7 @@ class ChunkingLayer(nnx.Module):
         mem_v = self.proj_v(z_BxSxD).reshape(B, S, H, hd)
         return mem_k, mem_v, lmk_BxR.reshape(B, hr, cfg.retrieval_dim // hr)
 
+    @scoped("chunking")
     def __call__(self, h_NxTxD, dropout_rng=None):
         """-> mem_k, mem_v (N, T, H, hd) and landmarks (N, C, h_r, dr), C = T / S."""
         N, T, D = h_NxTxD.shape

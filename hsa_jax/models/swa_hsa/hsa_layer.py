@@ -9,6 +9,7 @@ By default the HSA output reaches the residual stream only through the MLP input
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from hsa_jax.models.swa_hsa.chunking import MEMORY_EPS
@@ -54,8 +55,9 @@ class HSALayer(nnx.Module):
         q = self.q_proj(self.pre_norm(h_NxTxD)).reshape(N, T, cfg.num_attention_heads, cfg.hsa_head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        o = hsa_attention(q, mem_k_NxLxHxd.astype(q.dtype), mem_v_NxLxHxd.astype(q.dtype), w_NxTxHxK,
-                          idx_NxTxHxK, chunk_size=cfg.chunk_size, sm_n=cfg.sm_n, impl=impl or cfg.hsa_impl)
+        with jax.named_scope("hsa_core"):
+            o = hsa_attention(q, mem_k_NxLxHxd.astype(q.dtype), mem_v_NxLxHxd.astype(q.dtype), w_NxTxHxK,
+                              idx_NxTxHxK, chunk_size=cfg.chunk_size, sm_n=cfg.sm_n, impl=impl or cfg.hsa_impl)
         o = self.o_proj(o.reshape(N, T, D))
         m = self._mlp(self._mlp_norm(h_NxTxD + o))
         return h_NxTxD + o + m if cfg.reset_hsa_residual else h_NxTxD + m

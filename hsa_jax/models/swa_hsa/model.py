@@ -20,7 +20,8 @@ from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
 from hsa_jax.common.decoding import check_token_ids
-from hsa_jax.common.layers import Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks
+from hsa_jax.common.layers import (Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks,
+                                   scoped)
 from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
 
 
@@ -106,7 +107,8 @@ class SWAHSAForCausalLM(nnx.Module):
                 hidden.append(h)
         h = self.backbone.norm_f(h)
         hidden.append(h)
-        logits = (self.backbone.embeddings.attend(h) if self.lm_head is None else self.lm_head(h))
+        logits = (self.backbone.embeddings.attend(h) if self.lm_head is None
+                  else scoped("lm_head")(self.lm_head)(h))
         logits = logits.astype(jnp.float32)
         if not return_hidden:
             return logits

@@ -17,7 +17,7 @@ from flax import nnx
 
 from hsa_jax.models.swa_hsa.chunking import MEMORY_EPS
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
-from hsa_jax.common.layers import Dense, RMSNorm
+from hsa_jax.common.layers import Dense, RMSNorm, scoped
 
 SOFTPLUS_THRESHOLD = 15.0  # torch F.softplus(x, threshold=15) returns x above it
 MASKED_SCORE = -1e7  # the original's stand-in for -inf before the slot softmax
@@ -89,6 +89,7 @@ class RetrievalLayer(nnx.Module):
         return jnp.einsum("nted,nced->ntec", r.astype(jnp.float32),
                           lmk_NxCxHrxDr.astype(jnp.float32)) / math.sqrt(Dr)
 
+    @scoped("retrieval")
     def __call__(self, h_NxTxD, lmk_NxCxHrxDr, positions_T, noise_rng=None):
         pos_decay = None if self.pos_decay is None else self.pos_decay[...][0]
         return select_chunks(self.scores(h_NxTxD, lmk_NxCxHrxDr), positions_T, self.cfg,
