@@ -80,12 +80,23 @@ def pytest_report_header(config):
     return f"golden fixtures: {root} ({source})"
 
 
-@pytest.fixture
+_CURRENT_RNG: list[np.random.Generator] = []
+
+
+@pytest.fixture(autouse=True)
 def seed(request):
-    """A fresh random seed per test, printed; $KERNEL_TEST_SEED reproduces a run (pallas_kernels/testing.py)."""
+    """Every test gets a fresh random seed, printed with its id (shown when it fails); $KERNEL_TEST_SEED
+    reproduces a run (pallas_kernels/testing.py). Tests draw from `rng` or, in helpers, current_rng()."""
     from pallas_kernels.testing import announce_seed
 
-    return announce_seed(request)
+    s = announce_seed(request)
+    _CURRENT_RNG[:] = [np.random.default_rng([s, 1])]  # a stream of its own, not the `rng` fixture's
+    return s
+
+
+def current_rng() -> np.random.Generator:
+    """The running test's seeded generator, for module-level helpers (random_ids, ...)."""
+    return _CURRENT_RNG[0]
 
 
 @pytest.fixture

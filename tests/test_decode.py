@@ -14,7 +14,7 @@ from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.common.decoding import CacheCapacityError
 from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
 from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
-from conftest import fixture_names, fixture_path
+from conftest import current_rng, fixture_names, fixture_path
 
 ATOL = 1e-4
 STEPS = 40
@@ -57,10 +57,11 @@ def full_logits(model, ids):
     return np.asarray(_forward(*nnx.split(model), np.concatenate([ids, pad], 1)))[:, :T]
 
 
-def decode_errors(model, ids, prompt_len, segment_len, swa_block=512):
-    """Max abs error of prefill logits (all prompt positions) and of STEPS teacher-forced steps."""
+def decode_errors(model, ids, prompt_len, segment_len, swa_block=512, impl=None):
+    """Max abs error of prefill logits (all prompt positions) and of the teacher-forced steps after them
+    (ids past the prompt). impl: the decoder's HSA backend for prefill and steps (default the model's)."""
     ref = full_logits(model, ids)
-    dec = SWAHSADecoder(model, segment_len=segment_len, swa_block=swa_block)
+    dec = SWAHSADecoder(model, segment_len=segment_len, swa_block=swa_block, hsa_impl=impl, step_hsa_impl=impl)
     logits, cache = dec.prefill(ids[:, :prompt_len], logits="all", capacity=ids.shape[1])
     e_prompt = float(np.abs(np.asarray(logits) - ref[:, :prompt_len]).max())
     e_step = 0.0
@@ -78,6 +79,17 @@ def test_decode_equals_forward(name):
     rng = np.random.default_rng(len(name))
     ids = rng.integers(3, model.cfg.vocab_size, (2, prompt_len + STEPS)).astype(np.int32)
     e_prompt, e_step = decode_errors(model, ids, prompt_len, segment, *block)
+    assert e_prompt <= ATOL and e_step <= ATOL, (name, e_prompt, e_step)
+
+
+@pytest.mark.parametrize("name", ["base_len77_seg32_block8", "two_groups_len33_seg7"])
+def test_pallas_decode_equals_forward(name):
+    """The GPU default path: prefill and one-token steps through the Pallas HSA kernel (interpret mode
+    here) against the training forward with the XLA reference."""
+    switches, prompt_len, segment, *block = CASES[name]
+    model = make_model(**switches)
+    ids = current_rng().integers(3, model.cfg.vocab_size, (2, prompt_len + 6)).astype(np.int32)
+    e_prompt, e_step = decode_errors(model, ids, prompt_len, segment, *block, impl="interpret")
     assert e_prompt <= ATOL and e_step <= ATOL, (name, e_prompt, e_step)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fixture_names, fixture_path, load_npz, rel_err
+from conftest import current_rng, fixture_names, fixture_path, load_npz, rel_err
 from hsa_jax.common.parity import build_model
 from hsa_jax.common.config import ConfigError
 from hsa_jax.models.drt.interop import export_original_state_dict, load_original_state_dict, strip_buffers
@@ -35,7 +35,7 @@ def tiny(**changes) -> DRTConfig:
 
 
 def random_ids(n, length, vocab=58):
-    return jnp.asarray(np.random.default_rng().integers(0, vocab, (n, length)), jnp.int32)
+    return jnp.asarray(current_rng().integers(0, vocab, (n, length)), jnp.int32)
 
 
 def jitted(model, **kwargs):
@@ -248,7 +248,7 @@ def test_landmark_slot_is_zeroed_at_p64_and_dropped_at_p65():
 
 
 def test_retrieval_rows_without_candidates_have_zero_weights_and_finite_grads():
-    rng = np.random.default_rng()
+    rng = current_rng()
     q, lmk = (jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32) for _ in range(2))
 
     def total(q, lmk):
@@ -266,7 +266,7 @@ def test_retrieval_rows_without_candidates_have_zero_weights_and_finite_grads():
 
 def test_gumbel_selection_changes_choice_not_weights_of_chosen():
     """Noise picks the chunks; weights are the softmax of the chosen chunks' clean scores."""
-    rng = np.random.default_rng()
+    rng = current_rng()
     q, lmk = (jnp.asarray(rng.standard_normal((1, 12, 8)), jnp.float32) for _ in range(2))
     _, clean_idx, scores = select_chunks(q, lmk, topk=2)
     differs = False
@@ -280,7 +280,7 @@ def test_gumbel_selection_changes_choice_not_weights_of_chosen():
 
 def test_sliding_window_attention_with_alibi_matches_dense_formula():
     """Banded blocks (several, with the window crossing block edges) vs the dense masked softmax."""
-    rng = np.random.default_rng()
+    rng = current_rng()
     N, T, H, Hkv, D, W = 1, 200, 4, 2, 8, 70
     q = jnp.asarray(rng.standard_normal((N, T, H, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((N, T, Hkv, D)), jnp.float32) for _ in range(2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fixture_names, fixture_path, load_npz, rel_err
+from conftest import current_rng, fixture_names, fixture_path, load_npz, rel_err
 from hsa_jax.models.swa_hsa.parity import compare_reference
 from hsa_jax.common.config import ConfigError
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
@@ -28,7 +28,7 @@ def tiny(**changes) -> SWAHSAConfig:
 
 
 def random_ids(n, t, vocab=TINY["vocab_size"]):
-    return jnp.asarray(np.random.default_rng().integers(0, vocab, (n, t)), jnp.int32)
+    return jnp.asarray(current_rng().integers(0, vocab, (n, t)), jnp.int32)
 
 
 # ----------------------------------------------------------------------------- parity with the original
