@@ -127,12 +127,12 @@ def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_le
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=pathlib.Path)
-    p.add_argument("--samples", type=int, default=50000)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--haystack-docs", type=int, default=64)
-    p.add_argument("--doc-tokens", type=int, default=65536)
+    p.add_argument("out", type=pathlib.Path, help="output folder: OUT/train and OUT/haystack token indexes")
+    p.add_argument("--samples", type=int, default=50000, help="training samples (documents) to write (default 50000)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sample (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys, needle positions and filler (default 0)")
+    p.add_argument("--haystack-docs", type=int, default=64, help="filler documents in OUT/haystack, hsa-eval's --haystack (default 64)")
+    p.add_argument("--doc-tokens", type=int, default=65536, help="tokens per haystack document (default 65536)")
     p.add_argument("--task", choices=("s_niah", "passkey"), default="s_niah",
                    help="training-sample format: hsa-eval's s_niah (7 random key bytes) or passkey (--key-digits digits)")
     p.add_argument("--qa-repeats", type=int, default=2, help="passkey: question/answer blocks per sample")
