@@ -318,4 +318,4 @@ def test_remat_and_bf16_forward():
     for a, b in zip(g0, g1):
         assert rel_err(b, a) < 1e-6
     bf16 = jitted(DRTForCausalLM(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))
-    assert rel_err(bf16(ids), jitted(model)(ids)) < 5e-2
+    assert rel_err(bf16(ids), jitted(model)(ids)) < 5e-2  # measured 1.4e-2 .. 2.8e-2 over 8 seeds (bf16: 8 bits)
