@@ -16,8 +16,13 @@ def test_wheel_install_finds_the_default_config(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".data/data/share/hsa-jax/configs/tiny.yaml") for n in names)
     prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--prefix", prefix,
-                    wheel], check=True, capture_output=True, timeout=300)
+    # --ignore-installed: without it pip first uninstalls the venv's own (editable) hsa-jax, and the
+    # console scripts (`make demo`) are gone after the test suite.
+    shown = lambda: subprocess.run([sys.executable, "-m", "pip", "show", "-q", "hsa-jax"], capture_output=True).returncode
+    before = shown()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--ignore-installed",
+                    "--prefix", prefix, wheel], check=True, capture_output=True, timeout=300)
+    assert shown() == before, "installing the wheel elsewhere uninstalled the environment's hsa-jax"
     (site,) = prefix.glob("lib/python3*/site-packages")
     # Run from outside the checkout, with the installed copy first on the path (the venv gives the deps).
     probe = ("import sys, train.config as c; p = c.default_config(); "
