@@ -57,9 +57,11 @@ def minus(xs, ys) -> float:
 def find_trace(path: pathlib.Path) -> pathlib.Path:
     if path.is_file():
         return path
-    found = sorted(path.rglob("perfetto_trace.json.gz"))
+    found = sorted(path.rglob("perfetto_trace.json.gz")) if path.is_dir() else []
     if not found:
-        raise SystemExit(f"trace_summary: no perfetto_trace.json.gz under {path}")
+        print(f"trace_summary: error: no perfetto_trace.json.gz at or under {path} (a trace hsa-train "
+              f"run.profile_steps=N writes into WORKDIR/profile)", file=sys.stderr)
+        raise SystemExit(2)
     return found[-1]
 
 
