@@ -15,6 +15,7 @@ use. Rows that run out of memory are reported as OOM and the sweep goes on.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -39,10 +40,10 @@ def peak_bytes() -> int:
     return int(stats.get("peak_bytes_in_use", 0))
 
 
-def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 0) -> dict:
+def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 0, trace: pathlib.Path | None = None) -> dict:
     rng = np.random.default_rng(seed)
     V = dec.cfg.vocab_size
-    capacity = context + steps + 2
+    capacity = context + 2 * steps + 2  # the warm-up step, the timed steps and the traced ones
     seg = dec.segment_len
     # warm-up: compile the full-segment shape, the last (bucketed) segment's shape and the step
     rem = context % seg
@@ -66,6 +67,13 @@ def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 
         logits, cache = dec.step(tok, cache)
     jax.block_until_ready(logits)
     decode_s = time.perf_counter() - t0
+    if trace is not None:  # after the timed work: a traced prefill and `steps` traced steps
+        with jax.profiler.trace(str(trace / f"prefill_{context}x{batch}"), create_perfetto_trace=True):
+            jax.block_until_ready(dec.prefill(ids, logits="last", capacity=capacity)[0])
+        with jax.profiler.trace(str(trace / f"step_{context}x{batch}"), create_perfetto_trace=True):
+            for _ in range(steps):
+                logits, cache = dec.step(jnp.argmax(logits, -1), cache)
+            jax.block_until_ready(logits)
     return {"context": context, "batch": batch, "prefill_s": prefill_s,
             "prefill_tok_s": batch * context / prefill_s, "step_ms": 1e3 * decode_s / steps,
             "tok_s_per_seq": steps / decode_s, "tok_s_total": batch * steps / decode_s,
@@ -85,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="weights as stored for inference (default bf16: half the bytes read per token)")
+    p.add_argument("--trace", type=pathlib.Path, default=None, help="also trace one prefill and --steps decode "
+                   "steps per row into TRACE/prefill_CONTEXTxBATCH and TRACE/step_CONTEXTxBATCH "
+                   "(summarise with benchmarks/trace_summary.py --steps N)")
     a = p.parse_args(argv)
     cfg = SWAHSAConfig.from_dict({**CONFIG_125M, "dtype": a.dtype, "param_dtype": a.param_dtype,
                                   "hsa_impl": a.hsa_impl})
@@ -101,7 +112,7 @@ def main(argv=None) -> int:
     for ctx in [parse_length(x) for x in a.contexts.split(",")]:
         for batch in [int(x) for x in a.batches.split(",")]:
             try:
-                r = bench(dec, ctx, batch, a.steps)
+                r = bench(dec, ctx, batch, a.steps, trace=a.trace)
             except Exception as e:  # OOM and the like: report and go on
                 msg = str(e).splitlines()[0][:80]
                 print(f"{ctx:>8} {batch:>5}  FAILED: {type(e).__name__}: {msg}", flush=True)

@@ -7,6 +7,8 @@
 #   procs      125M: 2 processes x 1 GPU (NCCL), SIGTERM to process 1, resume on 1 process x 1 GPU
 #   scale370   370M: 1 GPU (unrolled with remat none, scanned with remat layer), FSDP=2 both ways (fsdp370: FSDP alone)
 #   scale1b    ~1.3B: 1 GPU
+#   breakdown  where a step's time goes (benchmarks/train_step.py), 125M and 370M at 8K on 1 GPU
+#   decode     1M-token prefill and decode at batch 1 and 8 (benchmarks/decode.py), traced and summarised
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -82,6 +84,19 @@ for stage in "$@"; do
     CUDA_VISIBLE_DEVICES=0 train r1b_1gpu 300 "${C[@]}" run.profile_from=28 run.profile_steps=2
     table "$RUNS"/r1b_1gpu
     traces "$RUNS"/r1b_1gpu
+    ;;
+  breakdown)
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/train_step.py --config configs/swa_hsa_125m.yaml \
+      --trace-dir "$RUNS/step125" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]'
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/train_step.py --config configs/swa_hsa_370m_pile.yaml \
+      seq_len=8192 global_batch_size=8 optim.grad_accum=1 --trace-dir "$RUNS/step370" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]'
+    ;;
+  decode)
+    rm -rf "$RUNS/decode_trace"
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/decode.py --contexts 1M --batches 1,8 --steps 64 \
+      --trace "$RUNS/decode_trace" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]'
+    for t in "$RUNS"/decode_trace/prefill_*; do python3 benchmarks/trace_summary.py "$t" --steps 1 --top 8; done
+    for t in "$RUNS"/decode_trace/step_*; do python3 benchmarks/trace_summary.py "$t" --steps 64 --top 12; done
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -80,17 +80,18 @@ def summarise(events: list[dict], device_prefix: str, steps: int | None):
             kernels[proc].append((e["ts"], e["ts"] + e.get("dur", 0.0), e.get("name", ""),
                                   bool(COLLECTIVE.search(label))))
     steps = steps or len(union(dispatches)) or 1  # the profiler nests one dispatch in another of the same name
-    rows, top = [], collections.Counter()
+    rows, top, count = [], collections.Counter(), collections.Counter()
     for proc in sorted(kernels):
         ks = kernels[proc]
         busy = union([(a, b) for a, b, _, _ in ks])
         comp = union([(a, b) for a, b, _, c in ks if not c])
         coll = union([(a, b) for a, b, _, c in ks if c])
         span = max(b for _, b, _, _ in ks) - min(a for a, _, _, _ in ks)
-        rows.append((proc, span, length(busy), length(comp), length(coll), minus(coll, comp)))
+        rows.append((proc, span, length(busy), length(comp), length(coll), minus(coll, comp), len(ks)))
         for a, b, name, _ in ks:
             top[name[:90]] += (b - a)
-    return steps, rows, top
+            count[name[:90]] += 1
+    return steps, rows, top, count
 
 
 def main(argv=None) -> int:
@@ -104,19 +105,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     path = find_trace(args.trace)
     events = json.loads(gzip.open(path).read())["traceEvents"]
-    steps, rows, top = summarise(events, args.device, args.steps)
+    steps, rows, top, count = summarise(events, args.device, args.steps)
     if not rows:
         print(f"trace_summary: no kernels of a device named {args.device}* in {path}", file=sys.stderr)
         return 1
-    ms = lambda us: f"{us / steps / 1e3:.1f}"
+    digits = 1 if max(r[1] for r in rows) / steps > 1e4 else 3  # a decode step lasts about a millisecond
+    ms = lambda us: f"{us / steps / 1e3:.{digits}f}"
     print(f"{path} ({steps} traced steps; ms per step)\n")
-    print("| device | span | busy | compute | collectives | exposed collectives |")
-    print("|---|---|---|---|---|---|")
-    for proc, span, busy, comp, coll, exposed in rows:
-        print(f"| {proc} | {ms(span)} | {ms(busy)} | {ms(comp)} | {ms(coll)} | {ms(exposed)} |")
-    print("\n| kernel (all devices) | ms per step |\n|---|---|")
+    print("| device | span | busy | compute | collectives | exposed collectives | kernels per step |")
+    print("|---|---|---|---|---|---|---|")
+    for proc, span, busy, comp, coll, exposed, n in rows:
+        print(f"| {proc} | {ms(span)} | {ms(busy)} | {ms(comp)} | {ms(coll)} | {ms(exposed)} | {n / steps:.0f} |")
+    print("\n| kernel (all devices) | ms per step | launches per step |\n|---|---|---|")
     for name, us in top.most_common(args.top):
-        print(f"| `{name}` | {ms(us)} |")
+        print(f"| `{name}` | {ms(us)} | {count[name] / steps:.0f} |")
     return 0
 
 

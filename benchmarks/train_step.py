@@ -70,7 +70,8 @@ def category(op_name: str, hlo_op: str) -> str:
 
 
 def breakdown(events: list[dict], names: dict[str, str], device_prefix: str, steps: int):
-    """-> ({label: kernel µs per step, summed over devices / devices}, idle µs per step, unattributed µs)."""
+    """-> ({label: kernel µs per step, summed over devices / devices}, idle µs per step,
+    {kernel without an HLO op name: µs per step})."""
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     per_device = collections.defaultdict(list)
     for e in events:
@@ -78,15 +79,16 @@ def breakdown(events: list[dict], names: dict[str, str], device_prefix: str, ste
             hlo_op = str(e.get("args", {}).get("hlo_op", "")) or e.get("name", "")
             if hlo_op in names or device_prefix != "/host":  # on the host, only XLA's thunks are kernels
                 per_device[procs[e["pid"]]].append((e["ts"], e["ts"] + e.get("dur", 0.0), hlo_op))
-    totals, idle, unknown = collections.Counter(), 0.0, 0.0
+    totals, idle, unknown = collections.Counter(), 0.0, collections.Counter()
     for kernels in per_device.values():
         for a, b, hlo_op in kernels:
             totals[category(names.get(hlo_op, ""), hlo_op)] += (b - a)
-            unknown += (b - a) if hlo_op not in names else 0.0
+            if hlo_op not in names:
+                unknown[hlo_op] += b - a
         span = max(b for _, b, _ in kernels) - min(a for a, _, _ in kernels)
         idle += span - length(union([(a, b) for a, b, _ in kernels]))
     n = max(len(per_device), 1) * steps
-    return {k: v / n for k, v in totals.items()}, idle / n, unknown / n
+    return {k: v / n for k, v in totals.items()}, idle / n, {k: v / n for k, v in unknown.items()}
 
 
 def main(argv=None) -> int:
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from train.config import load_config
+    from train.flops import peak_flops_per_device, train_flops_per_token
     from train.main import init_state
     from train.sharding import batch_sharding, make_mesh
     from train.step import make_train_step
@@ -138,17 +141,24 @@ def main(argv=None) -> int:
     step_s = statistics.median(times)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     busy = sum(per_step.values())
+    peak = peak_flops_per_device()
+    flops = train_flops_per_token(cfg.model_type, cfg.model, cfg.data.seq_len) * tokens
+    mfu = f", MFU {100 * flops / step_s / (peak * jax.device_count()):.1f}%" if peak else ""
     print(f"{cfg.model_type}, {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {cfg.mesh.data}x"
           f"{cfg.mesh.fsdp}x{cfg.mesh.tensor}, batch {cfg.data.global_batch_size}x{cfg.data.seq_len}, remat "
           f"{cfg.run.remat}, scan_layers {cfg.run.scan_layers}: compile {compile_s:.1f} s, step {1e3 * step_s:.1f} ms "
-          f"({tokens / step_s:,.0f} tokens/s); trace in {trace_dir}\n")
+          f"({tokens / step_s:,.0f} tokens/s{mfu}); trace in {trace_dir}\n")
     print("| part of the step | ms per step (per device) | share of kernel time |\n|---|---|---|")
     for label, us in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"| {label} | {us / 1e3:.2f} | {100 * us / busy:.1f}% |")
     print(f"| **all kernels** | {busy / 1e3:.2f} | 100% |")
     print(f"| idle between kernels (launch, host, data) | {idle / 1e3:.2f} | |")
-    if unknown > 0.01 * busy:
-        print(f"\n{unknown / 1e3:.2f} ms per step of kernels had no HLO op name in the program (counted as other)")
+    lost = sum(unknown.values())
+    if lost > 0.01 * busy:
+        print(f"\n{lost / 1e3:.2f} ms per step of kernels had no HLO op name in the program (counted as other); "
+              "the largest:")
+        for name, us in sorted(unknown.items(), key=lambda kv: -kv[1])[:8]:
+            print(f"  {us / 1e3:8.2f} ms  {name[:120]}")
     return 0
 
 
