@@ -7,6 +7,7 @@
 #   procs      125M: 2 processes x 1 GPU (NCCL), SIGTERM to process 1, resume on 1 process x 1 GPU
 #   scale370   370M: 1 GPU (unrolled with remat none, scanned with remat layer), FSDP=2 both ways (fsdp370: FSDP alone)
 #   scale1b    ~1.3B: 1 GPU
+#   fsdp370_b8 370M FSDP=2 at global batch 8 (4 per GPU), remat none, unrolled and scanned
 #   breakdown  where a step's time goes (benchmarks/train_step.py), 125M and 370M at 8K on 1 GPU
 #   decode     1M-token prefill and decode at batch 1 and 8 (benchmarks/decode.py), traced and summarised
 set -uo pipefail
@@ -76,6 +77,16 @@ for stage in "$@"; do
     train r370_fsdp2 300 "${F[@]}" run.remat=none run.scan_layers=false
     train r370_fsdp2_scanned 300 "${F[@]}" run.remat=layer run.scan_layers=true
     R+=("$RUNS"/r370_fsdp2 "$RUNS"/r370_fsdp2_scanned)
+    table "${R[@]}"
+    traces "${R[@]}"
+    ;;
+  fsdp370_b8)  # FSDP=2 at 4 sequences per GPU: half the activations, so remat none fits scanned and the
+               # scheduler has memory to prefetch the all-gathers of the unrolled program
+    F=(--config configs/swa_hsa_370m_pile.yaml steps=32 seq_len=8192 global_batch_size=8 optim.grad_accum=1
+       run.profile_from=30 run.profile_steps=2 mesh.data=1 mesh.fsdp=2 run.remat=none)
+    train r370_fsdp2_b8 300 "${F[@]}" run.scan_layers=false
+    train r370_fsdp2_b8_scanned 300 "${F[@]}" run.scan_layers=true
+    R=("$RUNS"/r370_fsdp2_b8 "$RUNS"/r370_fsdp2_b8_scanned)
     table "${R[@]}"
     traces "${R[@]}"
     ;;
