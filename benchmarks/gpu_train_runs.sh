@@ -7,6 +7,7 @@
 #   procs      125M: 2 processes x 1 GPU (NCCL), SIGTERM to process 1, resume on 1 process x 1 GPU
 #   scale370   370M: 1 GPU (unrolled with remat none, scanned with remat layer), FSDP=2 both ways (fsdp370: FSDP alone)
 #   scale1b    ~1.3B: 1 GPU
+#   fsdp370_scanned_none  370M FSDP=2 at global batch 16, scanned, remat none
 #   fsdp370_b8 370M FSDP=2 at global batch 8 (4 per GPU), remat none, unrolled and scanned
 #   breakdown  where a step's time goes (benchmarks/train_step.py), 125M and 370M at 8K on 1 GPU
 #   decode     1M-token prefill and decode at batch 1 and 8 (benchmarks/decode.py), traced and summarised
@@ -95,6 +96,13 @@ for stage in "$@"; do
     CUDA_VISIBLE_DEVICES=0 train r1b_1gpu 300 "${C[@]}" run.profile_from=28 run.profile_steps=2
     table "$RUNS"/r1b_1gpu
     traces "$RUNS"/r1b_1gpu
+    ;;
+  fsdp370_scanned_none)  # FSDP=2, 8 per GPU, scanned without remat (asked 143 GiB before the chunked LM head)
+    F=(--config configs/swa_hsa_370m_pile.yaml steps=32 seq_len=8192 global_batch_size=16 optim.grad_accum=1
+       run.profile_from=30 run.profile_steps=2 mesh.data=1 mesh.fsdp=2 run.remat=none run.scan_layers=true)
+    train r370_fsdp2_scanned_none 300 "${F[@]}"
+    table "$RUNS"/r370_fsdp2_scanned_none
+    traces "$RUNS"/r370_fsdp2_scanned_none
     ;;
   breakdown)
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/train_step.py --config configs/swa_hsa_125m.yaml \

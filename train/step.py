@@ -15,7 +15,6 @@ import optax
 from flax import nnx
 
 from hsa_jax.common.layers import batch_sharded
-from hsa_jax.common.losses import token_logprobs
 
 from train.config import OptimConfig, TrainConfig
 
@@ -53,10 +52,10 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
     )
 
 
-def token_nll(logits_NxTxV, labels_NxT):
-    """Per-token negative log-likelihood (fp32) and the valid-token mask (labels >= 0)."""
-    with jax.named_scope("loss"):
-        lp, valid = token_logprobs(logits_NxTxV, labels_NxT)
+def token_nll(model, ids_NxL1, **kwargs):
+    """Per-token negative log-likelihood (fp32) of ids[:, 1:] given ids[:, :-1], and the valid-token mask
+    (labels >= 0). The model's chunked LM head computes the log-probabilities (no N x L x V logits)."""
+    lp, valid = model(ids_NxL1[:, :-1], labels=ids_NxL1[:, 1:], **kwargs)
     return -lp, valid
 
 
@@ -71,8 +70,7 @@ def make_loss_and_grads(graphdef, cfg: TrainConfig, mesh=None):
     def nll_sum(params, ids, rng, total_valid):
         model = nnx.merge(graphdef, params)
         with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
-            logits = model(ids[:, :-1], train=True, rng=rng, remat=remat, scan_layers=cfg.run.scan_layers)
-        nll, _ = token_nll(logits, ids[:, 1:])
+            nll, _ = token_nll(model, ids, train=True, rng=rng, remat=remat, scan_layers=cfg.run.scan_layers)
         return jnp.sum(nll) / total_valid
 
     def loss_and_grads(params, ids_BxL1, rng):
@@ -122,7 +120,6 @@ def make_eval_step(graphdef, mesh=None):
     def eval_step(params, ids_BxL1):
         model = nnx.merge(graphdef, params)
         with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
-            logits = model(ids_BxL1[:, :-1])
-        nll, valid = token_nll(logits, ids_BxL1[:, 1:])
+            nll, valid = token_nll(model, ids_BxL1)
         return jnp.sum(nll), jnp.sum(valid)
     return eval_step

@@ -3,6 +3,8 @@ hsa-eval, the decoders' `labels=` mode and the DRT parity loss."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -13,3 +15,74 @@ def token_logprobs(logits_NxTxV, labels_NxT):
     logp = jax.nn.log_softmax(logits_NxTxV.astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, jnp.where(valid, labels_NxT, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(valid, lp, 0.0), valid
+
+
+def _chunks(x_NxTx_, c: int):
+    """(N, T, ...) -> (T/c, N, c, ...): position chunks as the leading (scanned) axis."""
+    N, T = x_NxTx_.shape[:2]
+    return x_NxTx_.reshape(N, T // c, c, *x_NxTx_.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x_CxNxc):
+    C, N, c = x_CxNxc.shape
+    return x_CxNxc.swapaxes(0, 1).reshape(N, C * c)
+
+
+def _chunk_logits(h_NxcxD, w_DxV):
+    # fp32 logits from the compute-dtype matmul: what token_logprobs reads after its own upcast
+    return jnp.einsum("ncd,dv->ncv", h_NxcxD, w_DxV.astype(h_NxcxD.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_logprobs(h_NxTxD, w_DxV, labels_NxT, c):
+    return _head_logprobs_fwd(h_NxTxD, w_DxV, labels_NxT, c)[0]
+
+
+def _head_logprobs_fwd(h_NxTxD, w_DxV, labels_NxT, c):
+    def one(xs):
+        h_NxcxD, lab_Nxc = xs
+        logits_NxcxV = _chunk_logits(h_NxcxD, w_DxV)
+        lse_Nxc = jax.nn.logsumexp(logits_NxcxV, axis=-1)
+        picked_Nxc = jnp.take_along_axis(logits_NxcxV, jnp.maximum(lab_Nxc, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(lab_Nxc >= 0, picked_Nxc - lse_Nxc, 0.0), lse_Nxc
+    lp_CxNxc, lse_CxNxc = jax.lax.map(one, (_chunks(h_NxTxD, c), _chunks(labels_NxT, c)))
+    return _unchunk(lp_CxNxc), (h_NxTxD, w_DxV, labels_NxT, lse_CxNxc)
+
+
+def _head_logprobs_bwd(c, res, g_NxT):
+    h_NxTxD, w_DxV, labels_NxT, lse_CxNxc = res
+    w_c = w_DxV.astype(h_NxTxD.dtype)
+
+    def one(dw_DxV, xs):
+        # d lp / d logits = onehot(label) - softmax(logits), for valid labels only
+        h_NxcxD, lab_Nxc, lse_Nxc, g_Nxc = xs
+        p_NxcxV = jnp.exp(_chunk_logits(h_NxcxD, w_DxV) - lse_Nxc[..., None])
+        hit = jnp.arange(p_NxcxV.shape[-1]) == lab_Nxc[..., None]
+        g_Nxc = jnp.where(lab_Nxc >= 0, g_Nxc, 0.0)
+        dlogits_NxcxV = (g_Nxc[..., None] * (hit - p_NxcxV)).astype(h_NxcxD.dtype)
+        dh_NxcxD = jnp.einsum("ncv,dv->ncd", dlogits_NxcxV, w_c)
+        dw_DxV = dw_DxV + jnp.einsum("ncd,ncv->dv", h_NxcxD, dlogits_NxcxV, preferred_element_type=jnp.float32)
+        return dw_DxV, dh_NxcxD
+    xs = (_chunks(h_NxTxD, c), _chunks(labels_NxT, c), lse_CxNxc, _chunks(g_NxT, c))
+    dw_DxV, dh_CxNxcxD = jax.lax.scan(one, jnp.zeros(w_DxV.shape, jnp.float32), xs)
+    N, T, D = h_NxTxD.shape
+    dh_NxTxD = dh_CxNxcxD.swapaxes(0, 1).reshape(N, T, D)
+    return dh_NxTxD, dw_DxV.astype(w_DxV.dtype), None
+
+
+_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
+
+
+def head_logprobs(h_NxTxD, w_DxV, labels_NxT, *, chunk: int = 1024):
+    """token_logprobs(h @ w, labels) without the N x T x V logits: the LM head and the log-softmax run
+    over `chunk` positions at a time (fp32 logits of the compute-dtype matmul), and the backward pass
+    recomputes each chunk's logits. At 8 x 8192 tokens and a 50K vocabulary the whole logits are 13 GiB
+    in fp32; a chunk of 1024 positions is 1/8 of that. -> (log p per token, 0 where label < 0; valid)."""
+    T = h_NxTxD.shape[1]
+    c = min(chunk, T)
+    pad = (-T) % c
+    if pad:  # padded positions take the ignored label
+        h_NxTxD = jnp.pad(h_NxTxD, ((0, 0), (0, pad), (0, 0)))
+    labels_p = jnp.pad(labels_NxT, ((0, 0), (0, pad)), constant_values=-1)
+    lp = _head_logprobs(h_NxTxD, w_DxV, labels_p, c)[:, :T]
+    return lp, labels_NxT >= 0

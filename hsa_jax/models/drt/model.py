@@ -20,7 +20,8 @@ from flax import nnx
 
 from hsa_jax.common.decoding import check_token_ids
 from hsa_jax.common.layers import (ENCODER_NORM_EPS, ChunkEncoder, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock,
-                                   scan_blocks)
+                                   scan_blocks, scoped)
+from hsa_jax.common.losses import head_logprobs
 from hsa_jax.models.drt.config import DRTConfig
 from hsa_jax.models.drt.layers import DRTAttention, GroupCrossAttention, UpperDecoderLayer, gather_chunks, select_chunks
 
@@ -85,8 +86,10 @@ class DRTForCausalLM(nnx.Module):
         self.model = DRT(cfg, rngs, jnp.dtype(cfg.param_dtype))
 
     def __call__(self, input_ids_NxL, *, train: bool = False, rng=None, remat: bool = False,
-                 return_aux: bool = False, scan_layers: bool = True):
-        """Batch forward over whole chunks (L % S == 0). -> logits (N, L, V) fp32 at the real tokens.
+                 return_aux: bool = False, scan_layers: bool = True, labels=None):
+        """Batch forward over whole chunks (L % S == 0). -> logits (N, L, V) fp32 at the real tokens; with
+        `labels` (N, L), -> (log p(label) per token, valid mask) from the chunked LM head + log-softmax
+        (hsa_jax.common.losses.head_logprobs: the logits are never whole).
 
         train: Gumbel top-k chunk selection (the original's training mode), drawn from `rng`.
         remat: recompute each decoder layer in the backward pass. return_aux: also returns a dict of
@@ -146,6 +149,9 @@ class DRTForCausalLM(nnx.Module):
             aux["gca_out"].append(list(gca_outs) if return_aux else None)
 
         h = m.norm(h).reshape(N, C, P, D)
+        if labels is not None and not return_aux:
+            h_NxLxD = h[:, :, :S].reshape(N, L, D)
+            return scoped("lm_head")(head_logprobs)(h_NxLxD, m.embed_tokens.embedding[...].T, labels)
         logits = m.embed_tokens.attend(h[:, :, :S].reshape(N, L, D)).astype(jnp.float32)
         if not return_aux:
             return logits

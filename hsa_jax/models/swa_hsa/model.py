@@ -19,6 +19,7 @@ from flax import nnx
 from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
+from hsa_jax.common.losses import head_logprobs
 from hsa_jax.common.decoding import check_token_ids
 from hsa_jax.common.layers import (Attention, Dense, Embed, RMSNorm, SwiGLU, TransformerBlock, rope_cos_sin, scan_blocks,
                                    scoped)
@@ -53,8 +54,10 @@ class SWAHSAForCausalLM(nnx.Module):
             dtype=param_dtype)
 
     def __call__(self, input_ids_NxT, *, train: bool = False, rng=None, return_hidden: bool = False,
-                 remat: bool = False, scan_layers: bool = True):
-        """Training-mode forward over whole chunks (T % chunk_size == 0). -> logits (N, T, V) fp32.
+                 remat: bool = False, scan_layers: bool = True, labels=None):
+        """Training-mode forward over whole chunks (T % chunk_size == 0). -> logits (N, T, V) fp32; with
+        `labels` (N, T), -> (log p(label) per token, valid mask) from the chunked LM head + log-softmax
+        (hsa_jax.common.losses.head_logprobs: the logits are never whole).
 
         train: enables the stochastic parts the config asks for (Gumbel retrieval noise, encoder
         dropout); they draw from `rng`, which must then be given. With return_hidden, also returns a
@@ -107,6 +110,9 @@ class SWAHSAForCausalLM(nnx.Module):
                 hidden.append(h)
         h = self.backbone.norm_f(h)
         hidden.append(h)
+        if labels is not None and not return_hidden:
+            w_DxV = self.backbone.embeddings.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+            return scoped("lm_head")(head_logprobs)(h, w_DxV, labels)
         logits = (self.backbone.embeddings.attend(h) if self.lm_head is None
                   else scoped("lm_head")(self.lm_head)(h))
         logits = logits.astype(jnp.float32)
