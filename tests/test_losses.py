@@ -58,9 +58,10 @@ def test_head_logprobs_bf16_activations_keep_fp32_weight_gradient(rng):
 @pytest.mark.parametrize("config,changes", [("configs/tiny.yaml", {}),
                                             ("configs/tiny.yaml", {"tie_word_embeddings": False}),
                                             ("configs/drt_tiny.yaml", {})])
-def test_model_labels_mode_equals_log_softmax_of_logits(rng, config, changes):
+@pytest.mark.parametrize("loss_chunk", [0, 24])
+def test_model_labels_mode_equals_log_softmax_of_logits(rng, config, changes, loss_chunk):
     """model(ids, labels=) (what hsa-train's loss calls) equals token_logprobs(model(ids), labels), and so
-    do the parameter gradients of its sum (tied and untied heads, both families)."""
+    do the parameter gradients of its sum (tied and untied heads, both families, whole and chunked)."""
     cfg = load_config(config, [f"model.{k}={str(v).lower()}" for k, v in changes.items()])
     fam = family(cfg.model_type)
     model = fam.model_cls(cfg.model, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
@@ -70,7 +71,7 @@ def test_model_labels_mode_equals_log_softmax_of_logits(rng, config, changes):
     labels = ids[:, 1:].at[0, 3].set(-100)
 
     def fused(p):
-        lp, _ = nnx.merge(graphdef, p)(ids[:, :-1], labels=labels)
+        lp, _ = nnx.merge(graphdef, p)(ids[:, :-1], labels=labels, loss_chunk=loss_chunk)
         return jnp.sum(lp), lp
 
     def reference(p):

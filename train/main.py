@@ -184,7 +184,7 @@ def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(graphdef, tx, cfg, mesh), donate_argnums=0,
                          out_shardings=(state_shardings, replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(graphdef, mesh))
+    eval_step = jax.jit(make_eval_step(graphdef, mesh, cfg.run.loss_chunk))
     schedule = lr_schedule(cfg.optim, cfg.run.steps)
     base_rng = jax.random.key(cfg.run.seed)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len

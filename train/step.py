@@ -54,7 +54,7 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
 
 def token_nll(model, ids_NxL1, **kwargs):
     """Per-token negative log-likelihood (fp32) of ids[:, 1:] given ids[:, :-1], and the valid-token mask
-    (labels >= 0). The model's chunked LM head computes the log-probabilities (no N x L x V logits)."""
+    (labels >= 0), from the model's labels= mode (LM head + log-softmax, chunked with loss_chunk > 0)."""
     lp, valid = model(ids_NxL1[:, :-1], labels=ids_NxL1[:, 1:], **kwargs)
     return -lp, valid
 
@@ -70,7 +70,8 @@ def make_loss_and_grads(graphdef, cfg: TrainConfig, mesh=None):
     def nll_sum(params, ids, rng, total_valid):
         model = nnx.merge(graphdef, params)
         with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
-            nll, _ = token_nll(model, ids, train=True, rng=rng, remat=remat, scan_layers=cfg.run.scan_layers)
+            nll, _ = token_nll(model, ids, train=True, rng=rng, remat=remat, scan_layers=cfg.run.scan_layers,
+                               loss_chunk=cfg.run.loss_chunk)
         return jnp.sum(nll) / total_valid
 
     def loss_and_grads(params, ids_BxL1, rng):
@@ -113,13 +114,13 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, mesh=None):
     return train_step
 
 
-def make_eval_step(graphdef, mesh=None):
+def make_eval_step(graphdef, mesh=None, loss_chunk: int = 0):
     """-> eval_step(params, ids (B, L+1)) -> (nll sum, valid token count)."""
     from train.sharding import BATCH_AXES
 
     def eval_step(params, ids_BxL1):
         model = nnx.merge(graphdef, params)
         with batch_sharded(mesh, BATCH_AXES) if mesh is not None else contextlib.nullcontext():
-            nll, valid = token_nll(model, ids_BxL1)
+            nll, valid = token_nll(model, ids_BxL1, loss_chunk=loss_chunk)
         return jnp.sum(nll), jnp.sum(valid)
     return eval_step

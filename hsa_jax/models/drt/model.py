@@ -86,10 +86,11 @@ class DRTForCausalLM(nnx.Module):
         self.model = DRT(cfg, rngs, jnp.dtype(cfg.param_dtype))
 
     def __call__(self, input_ids_NxL, *, train: bool = False, rng=None, remat: bool = False,
-                 return_aux: bool = False, scan_layers: bool = True, labels=None):
+                 return_aux: bool = False, scan_layers: bool = True, labels=None,
+                 loss_chunk: int = 0):
         """Batch forward over whole chunks (L % S == 0). -> logits (N, L, V) fp32 at the real tokens; with
         `labels` (N, L), -> (log p(label) per token, valid mask) from the chunked LM head + log-softmax
-        (hsa_jax.common.losses.head_logprobs: the logits are never whole).
+        (hsa_jax.common.losses.head_logprobs; loss_chunk > 0: over that many positions at a time).
 
         train: Gumbel top-k chunk selection (the original's training mode), drawn from `rng`.
         remat: recompute each decoder layer in the backward pass. return_aux: also returns a dict of
@@ -151,7 +152,7 @@ class DRTForCausalLM(nnx.Module):
         h = m.norm(h).reshape(N, C, P, D)
         if labels is not None and not return_aux:
             h_NxLxD = h[:, :, :S].reshape(N, L, D)
-            return scoped("lm_head")(head_logprobs)(h_NxLxD, m.embed_tokens.embedding[...].T, labels)
+            return scoped("lm_head")(head_logprobs)(h_NxLxD, m.embed_tokens.embedding[...].T, labels, chunk=loss_chunk)
         logits = m.embed_tokens.attend(h[:, :, :S].reshape(N, L, D)).astype(jnp.float32)
         if not return_aux:
             return logits

@@ -54,10 +54,11 @@ class SWAHSAForCausalLM(nnx.Module):
             dtype=param_dtype)
 
     def __call__(self, input_ids_NxT, *, train: bool = False, rng=None, return_hidden: bool = False,
-                 remat: bool = False, scan_layers: bool = True, labels=None):
+                 remat: bool = False, scan_layers: bool = True, labels=None,
+                 loss_chunk: int = 0):
         """Training-mode forward over whole chunks (T % chunk_size == 0). -> logits (N, T, V) fp32; with
         `labels` (N, T), -> (log p(label) per token, valid mask) from the chunked LM head + log-softmax
-        (hsa_jax.common.losses.head_logprobs: the logits are never whole).
+        (hsa_jax.common.losses.head_logprobs; loss_chunk > 0: over that many positions at a time).
 
         train: enables the stochastic parts the config asks for (Gumbel retrieval noise, encoder
         dropout); they draw from `rng`, which must then be given. With return_hidden, also returns a
@@ -112,7 +113,7 @@ class SWAHSAForCausalLM(nnx.Module):
         hidden.append(h)
         if labels is not None and not return_hidden:
             w_DxV = self.backbone.embeddings.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-            return scoped("lm_head")(head_logprobs)(h, w_DxV, labels)
+            return scoped("lm_head")(head_logprobs)(h, w_DxV, labels, chunk=loss_chunk)
         logits = (self.backbone.embeddings.attend(h) if self.lm_head is None
                   else scoped("lm_head")(self.lm_head)(h))
         logits = logits.astype(jnp.float32)
