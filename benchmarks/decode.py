@@ -1,4 +1,4 @@
-"""GPU decode benchmark of the cached SWA+HSA decoder (hsa_jax/decode.py): prefill time, decode
+"""GPU decode benchmark of the cached SWA+HSA decoder (hsa_jax/models/swa_hsa/decode.py): prefill time, decode
 tokens/s per sequence and memory, for context lengths x batch sizes, with the ~125M config
 (configs/swa_hsa_125m.yaml: D 768, 12 heads, 6+6 layers, S 64, K 8, W 512, vocab 50280) and random
 weights (speed does not depend on the values).
@@ -8,7 +8,8 @@ weights (speed does not depend on the values).
 
 Needs jax, flax (no grain, no orbax). Per row: the prefill of `context` random tokens in segments of
 --segment (compilation excluded: each shape is compiled on a warm-up first), then --steps one-token
-decode steps (timed after one warm-up step). Memory: the cache's bytes and the device's peak bytes in
+decode steps from Python (timed after one warm-up step; "step ms"), then --steps greedy tokens as one
+device program (`dec.greedy`, what generate() runs; "greedy ms" per token, compiled first). Memory: the cache's bytes and the device's peak bytes in
 use. Rows that run out of memory are reported as OOM and the sweep goes on.
 """
 
@@ -43,7 +44,7 @@ def peak_bytes() -> int:
 def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 0, trace: pathlib.Path | None = None) -> dict:
     rng = np.random.default_rng(seed)
     V = dec.cfg.vocab_size
-    capacity = context + 2 * steps + 2  # the warm-up step, the timed steps and the traced ones
+    capacity = context + 5 * steps + 2  # warm-up, timed and traced steps, and as many greedy-block tokens
     seg = dec.segment_len
     # warm-up: compile the full-segment shape, the last (bucketed) segment's shape and the step
     rem = context % seg
@@ -67,6 +68,14 @@ def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 
         logits, cache = dec.step(tok, cache)
     jax.block_until_ready(logits)
     decode_s = time.perf_counter() - t0
+    # the same number of tokens as greedy blocks (dec.greedy: `steps` steps in one device program)
+    tok = jnp.argmax(logits, -1)
+    toks, cache = dec.greedy(tok, cache, steps)  # compiles
+    jax.block_until_ready(toks)
+    t0 = time.perf_counter()
+    toks, cache = dec.greedy(toks[:, -1], cache, steps)
+    jax.block_until_ready(toks)
+    greedy_s = time.perf_counter() - t0
     if trace is not None:  # after the timed work: a traced prefill and `steps` traced steps
         with jax.profiler.trace(str(trace / f"prefill_{context}x{batch}"), create_perfetto_trace=True):
             jax.block_until_ready(dec.prefill(ids, logits="last", capacity=capacity)[0])
@@ -74,9 +83,12 @@ def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 
             for _ in range(steps):
                 logits, cache = dec.step(jnp.argmax(logits, -1), cache)
             jax.block_until_ready(logits)
+        with jax.profiler.trace(str(trace / f"greedy_{context}x{batch}"), create_perfetto_trace=True):
+            jax.block_until_ready(dec.greedy(toks[:, -1], cache, steps)[0])
     return {"context": context, "batch": batch, "prefill_s": prefill_s,
             "prefill_tok_s": batch * context / prefill_s, "step_ms": 1e3 * decode_s / steps,
             "tok_s_per_seq": steps / decode_s, "tok_s_total": batch * steps / decode_s,
+            "greedy_ms": 1e3 * greedy_s / steps, "greedy_tok_s_total": batch * steps / greedy_s,
             "cache_gib": cache.nbytes() / 2 ** 30, "peak_gib": peak_bytes() / 2 ** 30}
 
 
@@ -106,7 +118,8 @@ def main(argv=None) -> int:
           f"~125M SWA+HSA ({n_params / 1e6:.1f}M params, {a.param_dtype} weights, {a.dtype} compute), segment "
           f"{a.segment}, prefill HSA {a.hsa_impl}, step HSA {a.step_hsa_impl}")
     head = f"{'context':>8} {'batch':>5} {'prefill s':>10} {'prefill tok/s':>14} {'step ms':>8} " \
-           f"{'tok/s/seq':>10} {'tok/s total':>12} {'cache GiB':>10} {'peak GiB':>9}"
+           f"{'tok/s/seq':>10} {'tok/s total':>12} {'greedy ms':>10} {'greedy tok/s':>13} {'cache GiB':>10} " \
+           f"{'peak GiB':>9}"
     print(head)
     print("-" * len(head))
     for ctx in [parse_length(x) for x in a.contexts.split(",")]:
@@ -118,7 +131,8 @@ def main(argv=None) -> int:
                 print(f"{ctx:>8} {batch:>5}  FAILED: {type(e).__name__}: {msg}", flush=True)
                 continue
             print(f"{ctx:>8} {batch:>5} {r['prefill_s']:>10.2f} {r['prefill_tok_s']:>14.0f} {r['step_ms']:>8.2f} "
-                  f"{r['tok_s_per_seq']:>10.1f} {r['tok_s_total']:>12.1f} {r['cache_gib']:>10.2f} "
+                  f"{r['tok_s_per_seq']:>10.1f} {r['tok_s_total']:>12.1f} {r['greedy_ms']:>10.3f} "
+                  f"{r['greedy_tok_s_total']:>13.1f} {r['cache_gib']:>10.2f} "
                   f"{r['peak_gib']:>9.2f}", flush=True)
     return 0
 

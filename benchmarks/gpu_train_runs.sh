@@ -115,7 +115,9 @@ for stage in "$@"; do
     CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/decode.py --contexts 1M --batches 1,8 --steps 64 \
       --trace "$RUNS/decode_trace" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]'
     for t in "$RUNS"/decode_trace/prefill_*; do python3 benchmarks/trace_summary.py "$t" --steps 1 --top 8; done
-    for t in "$RUNS"/decode_trace/step_*; do python3 benchmarks/trace_summary.py "$t" --steps 64 --top 12; done
+    for t in "$RUNS"/decode_trace/step_* "$RUNS"/decode_trace/greedy_*; do
+      python3 benchmarks/trace_summary.py "$t" --steps 64 --top 12
+    done
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -19,6 +19,9 @@ class Generation:
     decode_s: float
 
 
+GREEDY_BLOCK = 64  # most greedy tokens per device program (a stop token is seen at most this late)
+
+
 @jax.jit
 def _sample(logits_NxV, key, temperature, top_k):
     """Temperature / top-k sampling (top_k <= 0: whole vocabulary)."""
@@ -51,19 +54,33 @@ def generate(decoder, prompt_ids, max_new_tokens: int, *, temperature: float = 0
     out = np.full((N, max_new_tokens), pad_id, np.int64)
     done = np.zeros(N, bool)
     lengths = np.zeros(N, np.int64)
-    for i in range(max_new_tokens):
-        if temperature > 0:
-            key, sub = jax.random.split(key)
-            tok = np.asarray(_sample(logits, sub, jnp.float32(temperature), jnp.int32(top_k)))
-        else:
-            tok = np.asarray(jnp.argmax(logits, axis=-1))
+
+    def emit(i, tok):  # column i of the output; -> whether every row has stopped
         tok = np.where(done, pad_id, tok)
         out[:, i] = tok
-        lengths += ~done
-        done |= np.isin(tok, stop)
-        if done.all() or i == max_new_tokens - 1:
-            break
-        logits, cache = decoder.step(tok, cache)
+        lengths[:] += ~done
+        done[:] |= np.isin(tok, stop)
+        return done.all()
+
+    if temperature > 0:
+        for i in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            tok = np.asarray(_sample(logits, sub, jnp.float32(temperature), jnp.int32(top_k)))
+            if emit(i, tok) or i == max_new_tokens - 1:
+                break
+            logits, cache = decoder.step(tok, cache)
+    else:  # greedy: blocks of up to GREEDY_BLOCK tokens in one device program each (powers of two: few compiles)
+        tok = np.asarray(jnp.argmax(logits, axis=-1))
+        i, stopped = 0, emit(0, tok)
+        while not stopped and i + 1 < max_new_tokens:
+            k = 1 << (min(GREEDY_BLOCK, max_new_tokens - 1 - i).bit_length() - 1)
+            block, cache = decoder.greedy(tok, cache, k)  # block[:, j] is output column i + 1 + j
+            block = np.asarray(block)
+            for j in range(k):
+                i += 1
+                if stopped := emit(i, block[:, j]):
+                    break
+            tok = block[:, -1]
     t2 = time.perf_counter()
     n = int(lengths.max())
     return Generation(out[:, :n], lengths, t1 - t0, t2 - t1)

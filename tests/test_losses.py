@@ -17,6 +17,26 @@ def whole(h_NxTxD, w_DxV, labels_NxT):
     return token_logprobs(logits, labels_NxT)
 
 
+def test_token_logprobs_equals_log_softmax_gather(rng):
+    """The fused form (label logit - logsumexp) against the textbook log-softmax + gather, with its
+    gradient, ignored labels included."""
+    N, T, V = 3, 11, 37
+    logits = jnp.asarray(rng.normal(size=(N, T, V)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, V, (N, T)), jnp.int32).at[1, 4].set(-100)
+    g = jnp.asarray(rng.normal(size=(N, T)), jnp.float32)
+
+    def textbook(x):
+        logp = jax.nn.log_softmax(x, axis=-1)
+        lp = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(labels >= 0, lp, 0.0)
+    lp, valid = token_logprobs(logits, labels)
+    np.testing.assert_allclose(lp, textbook(logits), rtol=1e-6, atol=1e-6)
+    assert not bool(valid[1, 4]) and float(lp[1, 4]) == 0.0
+    d = jax.grad(lambda x: jnp.sum(token_logprobs(x, labels)[0] * g))(logits)
+    np.testing.assert_allclose(d, jax.grad(lambda x: jnp.sum(textbook(x) * g))(logits), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(d[1, 4]).max()) == 0.0
+
+
 @pytest.mark.parametrize("T,chunk", [(37, 8), (32, 8), (5, 64)])
 def test_head_logprobs_values_and_gradients_equal_whole_logits(rng, T, chunk):
     N, D, V = 2, 16, 53

@@ -30,6 +30,14 @@ def test_family_through_registry(name):
         step, cache = dec.step(ids[:, t], cache)
         np.testing.assert_allclose(np.asarray(step), logits[:, t], atol=2e-4)
 
+    # greedy: feeds ids[P], then its own argmaxes; each equals the forward's argmax over what was fed
+    _, cache = dec.prefill(ids[:, :P], capacity=P + 2)
+    toks, cache = dec.greedy(ids[:, P], cache, 2)
+    assert np.asarray(toks).shape == (1, 2) and cache.pos == P + 2
+    fed = np.asarray(ids).copy()
+    fed[:, P + 1] = np.asarray(toks)[:, 0]
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(model(jnp.asarray(fed)))[:, P:P + 2].argmax(-1))
+
     assert fam.flops_per_token(cfg, 2 * S) > 0
     assert set(fam.inference_fields) <= {f for f in cfg.to_dict()}
 

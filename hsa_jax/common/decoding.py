@@ -4,6 +4,9 @@
         -> (logits (N, V) | (N, T, V) | None, cache)     consumes ids after `cache` (a new one if None);
            with labels (N, T) (-1 = ignore): the per-token log-probabilities of the labels (N, T)
     dec.step(tokens (N,), cache) -> (logits (N, V) fp32, cache)
+    dec.greedy(tokens (N,), cache, steps) -> (tokens (N, steps) int32, cache)
+        feeds `tokens`, then each argmax in turn: out[:, i] is the argmax after the i-th token fed
+        (`steps` calls of step + argmax; a cached decoder runs them as one device program)
     dec.init_cache(batch, capacity) -> cache
 
 generate(), hsa-generate and hsa-eval use nothing else. This module holds what the decoders share.
@@ -11,6 +14,7 @@ generate(), hsa-generate and hsa-eval use nothing else. This module holds what t
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 LOGITS_MODES = ("all", "last", "none")
@@ -43,3 +47,13 @@ def check_prefill_args(ids, logits: str, vocab_size: int) -> np.ndarray:
         raise ValueError(f"prefill: ids must be (N, T) with T >= 1, got shape {ids.shape}")
     check_token_ids(ids, vocab_size, "prefill ids")
     return ids
+
+
+def greedy_by_steps(dec, tokens, cache, steps: int):
+    """dec.greedy as `steps` calls of dec.step (for decoders without a fused program)."""
+    tok, out = jnp.asarray(tokens, jnp.int32).reshape(-1), []
+    for _ in range(steps):
+        logits, cache = dec.step(tok, cache)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out.append(tok)
+    return jnp.stack(out, axis=1), cache

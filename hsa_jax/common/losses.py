@@ -10,11 +10,17 @@ import jax.numpy as jnp
 
 
 def token_logprobs(logits_NxTxV, labels_NxT):
-    """log p(label) per token in fp32, 0 where label < 0 (ignored), and the valid mask (label >= 0)."""
+    """log p(label) per token in fp32, 0 where label < 0 (ignored), and the valid mask (label >= 0).
+
+    Written as logit[label] - logsumexp(logits), the label's logit picked by an iota comparison rather
+    than a gather: XLA then fuses the upcast into the two reductions, and the backward pass into one
+    elementwise pass (onehot - softmax), instead of writing an fp32 log-softmax of the whole logits and
+    scattering the gather's gradient into another (H200, 125M at 8K: 10.8 ms of a 147 ms step)."""
     valid = labels_NxT >= 0
-    logp = jax.nn.log_softmax(logits_NxTxV.astype(jnp.float32), axis=-1)
-    lp = jnp.take_along_axis(logp, jnp.where(valid, labels_NxT, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, lp, 0.0), valid
+    x = logits_NxTxV.astype(jnp.float32)
+    hit = jnp.arange(x.shape[-1]) == jnp.where(valid, labels_NxT, -1)[..., None]
+    picked = jnp.sum(jnp.where(hit, x, 0.0), axis=-1)
+    return jnp.where(valid, picked - jax.nn.logsumexp(x, axis=-1), 0.0), valid
 
 
 def _chunks(x_NxTx_, c: int):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hsa_jax.common.decoding import CacheCapacityError, check_prefill_args
+from hsa_jax.common.decoding import CacheCapacityError, check_prefill_args, greedy_by_steps
 from hsa_jax.common.losses import token_logprobs
 from hsa_jax.models.drt.model import DRTForCausalLM
 
@@ -71,3 +71,7 @@ class DRTDecoder:
     def step(self, tokens, cache: DRTCache):
         """One token per row: tokens (N,) -> logits (N, V) fp32 and the updated cache."""
         return self.prefill(np.asarray(tokens).reshape(-1, 1), cache)
+
+    def greedy(self, tokens, cache: DRTCache, steps: int):
+        """`steps` greedy tokens after feeding `tokens` (N,): -> (tokens (N, steps), cache)."""
+        return greedy_by_steps(self, tokens, cache, steps)

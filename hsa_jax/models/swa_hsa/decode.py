@@ -205,6 +205,25 @@ def _segment_program(graphdef, treedef):
     return jax.jit(run, static_argnames=("mode", "hsa_impl", "swa_block"), donate_argnums=(1,))
 
 
+@functools.lru_cache(maxsize=None)
+def _greedy_program(graphdef, treedef):
+    """`steps` one-token segments with greedy feedback as one jitted scan: a decode step launches a few
+    hundred small kernels, and driving each from Python costs more host time than the GPU spends."""
+    def run(leaves, cache, tok_N, *, steps, hsa_impl, swa_block):
+        params = jax.tree.unflatten(treedef, leaves)
+        no_labels = jnp.full((tok_N.shape[0], 1), -1, jnp.int32)
+
+        def one(carry, _):
+            tok, cache = carry
+            logits, cache = _segment(graphdef, params, cache, tok[:, None], 1, no_labels, mode="last",
+                                     hsa_impl=hsa_impl, swa_block=swa_block)
+            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return (nxt, cache), nxt
+        (_, cache), toks_SxN = jax.lax.scan(one, (tok_N, cache), None, length=steps)
+        return toks_SxN.T, cache
+    return jax.jit(run, static_argnames=("steps", "hsa_impl", "swa_block"), donate_argnums=(1,))
+
+
 class SWAHSADecoder:
     """Cached decoder of an SWA+HSA model (the generate()/hsa-eval decoder interface).
 
@@ -228,6 +247,7 @@ class SWAHSADecoder:
         graphdef, params = nnx.split(model)
         self.param_leaves, treedef = jax.tree.flatten(params)
         self._program = _segment_program(graphdef, treedef)
+        self._greedy = _greedy_program(graphdef, treedef)
         self.attn = {i: (a.kv_heads, a.head_dim, w) for i, (a, w) in _attn_layers(model).items()}
         self.hsa_impl = hsa_impl or cfg.hsa_impl
         self.step_hsa_impl = step_hsa_impl or self.hsa_impl
@@ -315,3 +335,14 @@ class SWAHSADecoder:
         out, arrays = self._run(cache.arrays, tokens, 1, np.full(tokens.shape, -1, np.int32), "last",
                                 self.step_hsa_impl)
         return out, DecodeCache(arrays, cache.pos + 1, cache.capacity, cache.batch)
+
+    def greedy(self, tokens, cache: DecodeCache, steps: int):
+        """`steps` greedy tokens after feeding `tokens` (N,), in one device program (one compile per
+        `steps`): -> (tokens (N, steps) int32, cache advanced by `steps`)."""
+        tokens = jnp.asarray(tokens, jnp.int32).reshape(-1)
+        if steps < 1:
+            raise ValueError(f"greedy: steps={steps} must be >= 1")
+        self._check(cache, tokens.shape[0], steps)
+        toks, arrays = self._greedy(self.param_leaves, cache.arrays, tokens, steps=int(steps),
+                                    hsa_impl=self.step_hsa_impl, swa_block=self.swa_block)
+        return toks, DecodeCache(arrays, cache.pos + steps, cache.capacity, cache.batch)
