@@ -92,6 +92,22 @@ def bench(dec: SWAHSADecoder, context: int, batch: int, steps: int, seed: int = 
             "cache_gib": cache.nbytes() / 2 ** 30, "peak_gib": peak_bytes() / 2 ** 30}
 
 
+def check(model, dec: SWAHSADecoder, T: int, steps: int = 8) -> None:
+    """The decoder against the batch forward (cuDNN SWA over the whole sequence): prefill of T - steps
+    tokens in segments, then `steps` greedy tokens, on one random sequence."""
+    ids = np.random.default_rng(1).integers(0, dec.cfg.vocab_size, (1, T)).astype(np.int32)
+    logits, cache = dec.prefill(ids[:, :T - steps], capacity=T)
+    toks, _ = dec.greedy(ids[:, T - steps], cache, steps)
+    fed = ids.copy()
+    fed[:, T - steps + 1:] = np.asarray(toks)[:, :-1]
+    ref = np.asarray(model(jnp.asarray(fed)), np.float32)
+    err = float(np.abs(np.asarray(logits) - ref[:, T - steps - 1]).max())
+    agree = float((np.asarray(toks) == ref[:, T - steps:].argmax(-1)).mean())
+    print(f"check ({T} tokens): prefill last-logit max abs error {err:.3g} (logit range "
+          f"{float(ref[:, T - steps - 1].min()):.2f}..{float(ref[:, T - steps - 1].max()):.2f}); greedy tokens "
+          f"equal to the forward's argmax: {100 * agree:.0f}%", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="32K,128K,1M")
@@ -108,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--trace", type=pathlib.Path, default=None, help="also trace one prefill and --steps decode "
                    "steps per row into TRACE/prefill_CONTEXTxBATCH and TRACE/step_CONTEXTxBATCH "
                    "(summarise with benchmarks/trace_summary.py --steps N)")
+    p.add_argument("--check-len", type=int, default=16384, help="first compare the decoder (prefill, then "
+                   "greedy steps) with the model's batch forward on this many random tokens: max logit error, "
+                   "argmax agreement (0: skip)")
     a = p.parse_args(argv)
     cfg = SWAHSAConfig.from_dict({**CONFIG_125M, "dtype": a.dtype, "param_dtype": a.param_dtype,
                                   "hsa_impl": a.hsa_impl})
@@ -120,6 +139,8 @@ def main(argv=None) -> int:
     head = f"{'context':>8} {'batch':>5} {'prefill s':>10} {'prefill tok/s':>14} {'step ms':>8} " \
            f"{'tok/s/seq':>10} {'tok/s total':>12} {'greedy ms':>10} {'greedy tok/s':>13} {'cache GiB':>10} " \
            f"{'peak GiB':>9}"
+    if a.check_len:
+        check(model, dec, a.check_len)
     print(head)
     print("-" * len(head))
     for ctx in [parse_length(x) for x in a.contexts.split(",")]:

@@ -5,6 +5,7 @@ the original's decode fixtures through `hsa-compare --decode`; cache capacity er
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,7 +13,8 @@ from flax import nnx
 from hsa_jax.cli import compare
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.common.decoding import CacheCapacityError
-from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
+from hsa_jax.common.layers import sliding_window_attention
+from hsa_jax.models.swa_hsa.decode import SWAHSADecoder, swa_over_ring
 from hsa_jax.models.swa_hsa.model import SWAHSAForCausalLM
 from conftest import current_rng, fixture_names, fixture_path
 
@@ -171,3 +173,20 @@ def test_hsa_compare_decode_errors(capsys):
                          "--reference", model_npz]) == 2
     assert "no 'prompt_ids' array" in capsys.readouterr().err
     assert compare.main(["--model-type", "swa_hsa", "--config", config]) == 2
+
+
+@pytest.mark.parametrize("ring_state,Wc", [("empty", 24), ("full", 24), ("full", 40)])
+def test_swa_over_ring_equals_banded_attention(rng, ring_state, Wc):
+    """The prefill's flash-attention form of the cached SWA (one causal local-window call, queries
+    front-padded by the ring) against the banded attention at the same cache position; with an empty
+    ring its entries are garbage that must not be read."""
+    N, L, H, Hkv, D, window = 2, 64, 4, 2, 16, 24
+    P = 0 if ring_state == "empty" else 1000
+    q = jnp.asarray(rng.normal(size=(N, L, H, D)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(N, Wc + L, Hkv, D)), jnp.float32)
+    vals = jnp.asarray(rng.normal(size=(N, Wc + L, Hkv, D)), jnp.float32)
+    if ring_state == "empty":
+        keys, vals = keys.at[:, :Wc].set(1e3), vals.at[:, :Wc].set(1e3)
+    want = sliding_window_attention(q, keys, vals, window, start=P)
+    got = swa_over_ring(q, keys, vals, window, ring_state, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -43,7 +43,7 @@ from hsa_jax.common.losses import token_logprobs
 from hsa_jax.models.swa_hsa.chunking import ChunkingLayer
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.hsa_layer import HSALayer
-from hsa_jax.common.layers import TransformerBlock, rope_cos_sin, sliding_window_attention
+from hsa_jax.common.layers import TransformerBlock, attention_backend, rope_cos_sin, sliding_window_attention
 from hsa_jax.models.swa_hsa.retrieval import RetrievalLayer
 
 @dataclasses.dataclass
@@ -74,12 +74,16 @@ def _attn_layers(model) -> dict[int, tuple]:
     return out
 
 
-def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, window: int, block: int = 0):
+def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, window: int, block: int = 0, ring_state: str = "partial"):
     """Sliding-window attention of the segment's queries (positions P..P+L-1) over [ring ++ segment] keys.
     -> (output (N, L, D), (k, v) of the segment). Query at p sees keys p-window..p (window+1 keys).
-    block > 0: queries go in blocks of `block`, each against its own window+block keys, so memory is
-    O(L * (window + block)) instead of O(L * (window + L)) (hsa_jax/common/layers.py sliding_window_attention,
-    the banded attention DRT's decoder uses too)."""
+
+    ring_state (known on the host from the cache position): "empty" (P = 0: no ring entry is a real
+    key), "full" (P >= ring size: every entry is) or "partial". Empty or full, the attention is one
+    flash-attention call where cuDNN takes the shapes (`swa_over_ring`); otherwise, and for the one-token
+    step, the banded attention (hsa_jax/common/layers.py sliding_window_attention, which DRT's decoder
+    uses too): queries in blocks of `block` (> 0), each against its own window+block keys, so memory is
+    O(L * (window + block)) instead of O(L * (window + L))."""
     N, L, _ = u_NxLxD.shape
     q, k, v = attn.project_qkv(u_NxLxD, cos, sin)
     ring_k, ring_v = ring["k"], ring["v"]
@@ -88,9 +92,28 @@ def _cached_swa(attn, u_NxLxD, cos, sin, ring, P, window: int, block: int = 0):
     order = jnp.mod(P - Wc + jnp.arange(Wc), Wc)
     keys = jnp.concatenate([jnp.take(ring_k, order, axis=1), k.astype(ring_k.dtype)], axis=1).astype(q.dtype)
     vals = jnp.concatenate([jnp.take(ring_v, order, axis=1), v.astype(ring_v.dtype)], axis=1).astype(q.dtype)
-    a = sliding_window_attention(q, keys, vals, window, start=P, block=block)
+    backend = attention_backend(q.dtype, attn.head_dim, Wc + L)
+    if ring_state in ("empty", "full") and backend is not None and window <= Wc:
+        a = swa_over_ring(q, keys, vals, window, ring_state, implementation=backend)
+    else:
+        a = sliding_window_attention(q, keys, vals, window, start=P, block=block)
     out = attn.o_proj(a.reshape(N, L, attn.heads * attn.head_dim))
     return out, (k, v)
+
+
+def swa_over_ring(q_NxLxHxD, keys_NxMxHkvxD, vals_NxMxHkvxD, window: int, ring_state: str, *, implementation=None):
+    """sliding_window_attention(q, keys, vals, window, start=P) for a ring that is all real keys ("full":
+    M - L >= window earlier keys) or none ("empty": P = 0), as one causal local-window attention call.
+    Full: the queries are front-padded by the ring's length, so that query row r = ring + i sits on the
+    diagonal of its own key row and sees rows r-window..r; the pad rows' outputs are dropped."""
+    L = q_NxLxHxD.shape[1]
+    Wc = keys_NxMxHkvxD.shape[1] - L
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window, 0),
+                                                          implementation=implementation)
+    if ring_state == "empty":
+        return attend(q_NxLxHxD, keys_NxMxHkvxD[:, Wc:], vals_NxMxHkvxD[:, Wc:])
+    q_pad = jnp.pad(q_NxLxHxD, ((0, 0), (Wc, 0), (0, 0), (0, 0)))
+    return attend(q_pad, keys_NxMxHkvxD, vals_NxMxHkvxD)[:, Wc:]
 
 
 def _refresh_ring(ring, k_new, v_new, P, n):
@@ -144,7 +167,8 @@ def _chunks_per_segment(L: int, S: int) -> int:
     return (S - 1 + L) // S
 
 
-def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_impl: str, swa_block: int = 0):
+def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_impl: str, swa_block: int = 0,
+             ring_state: str = "partial"):
     """Runs one (padded) segment of L tokens, the first n real, through every layer with the cache.
     mode: "all" -> logits (N, L, V); "last" -> logits of row n-1 (N, V); "none" -> None;
     "nll" -> per-token log-probabilities of labels (N, L) (0 where label < 0)."""
@@ -163,7 +187,7 @@ def _segment(graphdef, params, cache, ids_NxL, n, labels_NxL, *, mode: str, hsa_
 
     def cached(key, window):  # the layers' `attend` hook: SWA over [ring ++ segment], ring refreshed
         def attend(attn, u):
-            out, kv = _cached_swa(attn, u, cos, sin, cache["attn"][key], P, window, swa_block)
+            out, kv = _cached_swa(attn, u, cos, sin, cache["attn"][key], P, window, swa_block, ring_state)
             new_attn[key] = _refresh_ring(cache["attn"][key], *kv, P, n)
             return out
         return attend
@@ -199,10 +223,10 @@ def _segment_program(graphdef, treedef):
     length, mode and HSA backend). Parameters travel as a flat list of arrays: hashing the graphdef (a
     static argument) and flattening nnx Variables on every call cost milliseconds of host time per
     decode step, more than the step's GPU work."""
-    def run(leaves, cache, ids_NxL, n, labels_NxL, *, mode, hsa_impl, swa_block):
+    def run(leaves, cache, ids_NxL, n, labels_NxL, *, mode, hsa_impl, swa_block, ring_state):
         return _segment(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids_NxL, n, labels_NxL,
-                        mode=mode, hsa_impl=hsa_impl, swa_block=swa_block)
-    return jax.jit(run, static_argnames=("mode", "hsa_impl", "swa_block"), donate_argnums=(1,))
+                        mode=mode, hsa_impl=hsa_impl, swa_block=swa_block, ring_state=ring_state)
+    return jax.jit(run, static_argnames=("mode", "hsa_impl", "swa_block", "ring_state"), donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,6 +273,7 @@ class SWAHSADecoder:
         self._program = _segment_program(graphdef, treedef)
         self._greedy = _greedy_program(graphdef, treedef)
         self.attn = {i: (a.kv_heads, a.head_dim, w) for i, (a, w) in _attn_layers(model).items()}
+        self.ring_size = max((w for _, _, w in self.attn.values()), default=0)  # each SWA layer keeps its window
         self.hsa_impl = hsa_impl or cfg.hsa_impl
         self.step_hsa_impl = step_hsa_impl or self.hsa_impl
         self.swa_block = int(swa_block)
@@ -283,9 +308,12 @@ class SWAHSADecoder:
                 f"tokens; create the cache with init_cache(batch, capacity>={cache.pos + n}) (prefill(..., "
                 f"capacity=...)) or shorten the input")
 
-    def _run(self, arrays, ids, n: int, labels, mode: str, impl: str):
+    def _run(self, arrays, ids, n: int, labels, mode: str, impl: str, pos: int | None = None):
+        """pos: the cache position before this segment, for the SWA ring's state (None: the one-token
+        step, which always takes the banded attention)."""
+        ring = "partial" if pos is None else "empty" if pos == 0 else "full" if pos >= self.ring_size else "partial"
         return self._program(self.param_leaves, arrays, ids, np.int32(n), labels, mode=mode, hsa_impl=impl,
-                             swa_block=self.swa_block)
+                             swa_block=self.swa_block, ring_state=ring)
 
     def _bucket(self, n: int) -> int:
         """Padded length of a final segment of n tokens: the next power of two (>= 64), capped."""
@@ -315,7 +343,7 @@ class SWAHSADecoder:
                 lab[:, :n] = np.asarray(labels)[:, start:start + n]
             last = start + n == T
             seg_mode = mode if mode in ("all", "nll") or (mode == "last" and last) else "none"
-            out, arrays = self._run(arrays, seg, n, lab, seg_mode, self.hsa_impl)
+            out, arrays = self._run(arrays, seg, n, lab, seg_mode, self.hsa_impl, pos)
             pos += n
             if seg_mode in ("all", "nll"):
                 outs.append(out[:, :n])
