@@ -15,19 +15,20 @@ import jax
 import jax.numpy as jnp
 
 
-def time_ms(fn, *args, target_s=0.3, trials=7):
+def time_ms(fn, *args, target_s=0.3, trials=7, sync=jax.block_until_ready):
     """Median per-call time: each trial enqueues enough back-to-back calls to fill target_s/trials
-    (so host sync and dispatch gaps amortise), then waits for the device."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
+    (so host sync and dispatch gaps amortise), then waits for the device (`sync(output)`: jax by
+    default; benchmarks/peers.py passes torch's, so both frameworks get the same timer)."""
+    sync(fn(*args))  # compile + warm-up
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    sync(fn(*args))
     calls = max(1, int(target_s / trials / max(time.perf_counter() - t0, 1e-6)))
     samples = []
     for _ in range(trials):
         t0 = time.perf_counter()
         for _ in range(calls):
             out = fn(*args)
-        jax.block_until_ready(out)
+        sync(out)
         samples.append((time.perf_counter() - t0) / calls)
     return 1e3 * statistics.median(samples)
 
