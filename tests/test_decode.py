@@ -129,6 +129,10 @@ def test_cache_capacity_errors():
     with pytest.raises(CacheCapacityError, match="capacity exceeded: 0 tokens cached \\+ 20 new > capacity 10"):
         dec.prefill(ids, capacity=10)
     _, cache = dec.prefill(ids[:, :10], capacity=11)
+    with pytest.raises(CacheCapacityError, match="10 tokens cached \\+ 2 new > capacity 11"):
+        dec.greedy([4], cache, 2)
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        dec.greedy([4], cache, 0)
     _, cache = dec.step([4], cache)
     with pytest.raises(CacheCapacityError, match="11 tokens cached \\+ 1 new > capacity 11"):
         dec.step([4], cache)
