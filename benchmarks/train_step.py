@@ -2,7 +2,7 @@
 sharding, remat and scan settings) on random tokens, traced with jax.profiler, each device kernel
 attributed through its HLO instruction's op name to the named scope it was traced under
 (`hsa_jax.common.layers.scoped`: dense, mlp, attn_core, chunking, retrieval, hsa_core, gca_core,
-lm_head (the chunked head + log-softmax); train/step.py: optimizer), backward-pass kernels included.
+lm_head (the LM head and the log-softmax); train/step.py: optimizer), backward-pass kernels included.
 
     PYTHONPATH=. python3 benchmarks/train_step.py --config configs/swa_hsa_125m.yaml           # one GPU
     PYTHONPATH=. python3 benchmarks/train_step.py --config configs/swa_hsa_370m_pile.yaml seq_len=8192 \\
@@ -41,7 +41,7 @@ CATEGORIES = [
     ("retrieval", "retrieval scores, top-k"),
     ("attn_core", "SWA / self-attention core"),
     ("mlp", "MLP"),
-    ("lm_head", "LM head and log-softmax (chunked, fused)"),
+    ("lm_head", "LM head and log-softmax"),
     ("optimizer", "optimizer (grad norm, clip, AdamW)"),
     ("dense", "attention / HSA projections"),
 ]

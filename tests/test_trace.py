@@ -22,9 +22,10 @@ def test_profiled_steps_land_in_a_perfetto_trace(tmp_path):
     train(cfg, log=lambda m: None)
     (trace,) = (tmp_path / "profile").rglob("perfetto_trace.json.gz")
     events = json.loads(gzip.open(trace).read())["traceEvents"]
-    steps, rows, top = trace_summary.summarise(events, "/host:CPU", None)
+    steps, rows, top, count = trace_summary.summarise(events, "/host:CPU", None)
     assert steps == 2  # steps 3 and 4 exactly: neither the compiling first step nor the last
-    (proc, span, busy, comp, coll, exposed), = rows
+    (proc, span, busy, comp, coll, exposed, kernels), = rows
+    assert kernels == sum(count.values()) > 0 and set(count) == set(top)
     assert 0 < busy <= span and 0 < comp <= busy and 0 <= exposed <= coll <= busy  # 8 devices: all-reduces
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]  # tracing does not disturb the run
 
@@ -61,7 +62,7 @@ def test_train_step_breakdown_attributes_every_kernel_to_a_model_part(capsys):
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| *"): line for line in out.splitlines() if line.startswith("| ")}
     for part in ("MLP", "SWA / self-attention core", "HSA attention (kernels)", "chunk encoder, memory K/V, landmarks",
-                 "retrieval scores, top-k", "LM head", "loss (log-softmax over the vocabulary)",
+                 "retrieval scores, top-k", "LM head and log-softmax",
                  "optimizer (grad norm, clip, AdamW)", "attention / HSA projections"):
         assert float(rows[part].split(" | ")[1]) > 0, part  # every scope of the model shows up
     assert "had no HLO op name" not in out  # every traced kernel was found in the compiled program
