@@ -89,7 +89,7 @@ class DRTForCausalLM(nnx.Module):
                  return_aux: bool = False, scan_layers: bool = True, labels=None,
                  loss_chunk: int = 0):
         """Batch forward over whole chunks (L % S == 0). -> logits (N, L, V) fp32 at the real tokens; with
-        `labels` (N, L), -> (log p(label) per token, valid mask) from the chunked LM head + log-softmax
+        `labels` (N, L), -> (log p(label) per token, valid mask) from the LM head + log-softmax
         (hsa_jax.common.losses.head_logprobs; loss_chunk > 0: over that many positions at a time).
 
         train: Gumbel top-k chunk selection (the original's training mode), drawn from `rng`.

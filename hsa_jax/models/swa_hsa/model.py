@@ -57,7 +57,7 @@ class SWAHSAForCausalLM(nnx.Module):
                  remat: bool = False, scan_layers: bool = True, labels=None,
                  loss_chunk: int = 0):
         """Training-mode forward over whole chunks (T % chunk_size == 0). -> logits (N, T, V) fp32; with
-        `labels` (N, T), -> (log p(label) per token, valid mask) from the chunked LM head + log-softmax
+        `labels` (N, T), -> (log p(label) per token, valid mask) from the LM head + log-softmax
         (hsa_jax.common.losses.head_logprobs; loss_chunk > 0: over that many positions at a time).
 
         train: enables the stochastic parts the config asks for (Gumbel retrieval noise, encoder
