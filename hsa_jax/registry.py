@@ -5,9 +5,9 @@ in FAMILIES.
 Every hook a tool needs lives on the ModelFamily:
     config_cls        from_dict/from_json/to_dict, chunk_size, vocab_size, check_length(T),
                       INFERENCE_FIELDS (what hsa-eval/hsa-generate overrides may change), IGNORED_FIELDS
-    model_cls         Model(cfg, rngs=...); model(ids (N, T), train=, rng=, remat=, scan_layers=) -> logits;
-                      with labels= (and loss_chunk=): -> (log p(label) per token, valid mask)
-                      (N, T, V) fp32 aligned with the input tokens; EMBED_KEY (original key of the embedding)
+    model_cls         Model(cfg, rngs=...); model(ids (N, T), train=, rng=, remat=, scan_layers=) -> logits
+                      (N, T, V) fp32 aligned with the input tokens; with labels= (and loss_chunk=):
+                      -> (log p(label) per token, valid mask); EMBED_KEY (original key of the embedding)
     make_decoder      (model, **options) -> the decoder interface of hsa_jax/common/decoding.py
     flops_per_token   (cfg, seq_len) -> training FLOPs per token (MFU)
     compare           (cfg, reference arrays, atol=) -> common.parity.Report (hsa-compare)
