@@ -19,6 +19,7 @@ import numpy as np
 
 from data_pipeline.synthetic import PASSKEY_DIGITS, passkey_sample
 from data_pipeline.tokenizer import ByteTokenizer
+from hsa_jax.cli.common import run_cli
 from hsa_jax.loading import load_model
 
 ANSWER = ". Answer: "
@@ -38,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=40, help="samples (default 40)")
     p.add_argument("--seed", type=int, default=123, help="seed of the samples (default 123)")
     a = p.parse_args(argv)
+    return run_cli("passkey_copies", measure, a)
+
+
+def measure(a) -> int:
     model = load_model(checkpoint=a.checkpoint, log=lambda msg: print(msg, file=sys.stderr))
     rng = np.random.default_rng(a.seed)
     tok = ByteTokenizer()
