@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import itertools
 import math
 import os
 import pathlib
@@ -125,7 +126,8 @@ def fmt(ms: float) -> str:
     return f"{ms:.3f}"
 
 
-def hsa_rows(repo, shapes, th: Torch, nsa: bool, tol: float) -> list[str]:
+def hsa_rows(repo, shapes, th: Torch, nsa: bool, tol: float):
+    """One table row per shape, yielded as soon as it is measured."""
     torch = th.torch
     shipped = load_file(repo, "ops/hsa_triton.py", strip_asserts=False)
     stripped = load_file(repo, "ops/hsa_triton.py", strip_asserts=True)
@@ -133,7 +135,6 @@ def hsa_rows(repo, shapes, th: Torch, nsa: bool, tol: float) -> list[str]:
     if nsa:
         sys.path.insert(0, str(repo))  # the vendored fla and native_sparse_attention packages
         parallel_nsa = importlib.import_module("native_sparse_attention.ops.parallel").parallel_nsa
-    rows = []
     for Z, L, HQ, H, D, K, S in shapes:
         q, k, v, w, idx, do = hsa_inputs(jax.random.key(0), Z, L, L, HQ, H, D, K, S, jnp.bfloat16)
         scale = 1 / math.sqrt(D)
@@ -161,17 +162,16 @@ def hsa_rows(repo, shapes, th: Torch, nsa: bool, tol: float) -> list[str]:
                                       time_ms(th.fwd_bwd(op, 3), *nsa_args, t_do, sync=th.sync))
         worst = max(errs.values())
         verdict = "ok" if worst <= tol else "DIFFERS"
-        rows.append(f"| HSA {Z}x{L}, HQ {HQ}, H {H}, D {D}, K {K}, S {S} | "
+        yield (f"| HSA {Z}x{L}, HQ {HQ}, H {H}, D {D}, K {K}, S {S} | "
                     + " | ".join(f"{fmt(f)} / {fmt(b)}" for f, b in row.values())
                     + (" | " if parallel_nsa is not None else " | - | ")
                     + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {verdict} |")
-    return rows
 
 
-def gca_rows(repo, shapes, th: Torch, tol: float) -> list[str]:
+def gca_rows(repo, shapes, th: Torch, tol: float):
+    """One table row per shape, yielded as soon as it is measured."""
     torch = th.torch
     mod = load_file(repo, "ltriton/gca.py", strip_asserts=False)
-    rows = []
     for B, HQ, H, Lq, K, Lk, D in shapes:
         q, k, v, w, do = gca_inputs(jax.random.key(0), B, HQ, H, Lq, K, Lk, D, jnp.bfloat16)
         scale = 1 / math.sqrt(D)
@@ -186,10 +186,9 @@ def gca_rows(repo, shapes, th: Torch, tol: float) -> list[str]:
         ours = (time_ms(ours_f, q, k, v, w), time_ms(ours_fb, q, k, v, w, do))
         orig = (time_ms(op, *t_args, sync=th.sync), time_ms(fb, *t_args, t_do, sync=th.sync))
         verdict = "ok" if max(errs.values()) <= tol else "DIFFERS"
-        rows.append(f"| GCA B {B}, HQ {HQ}, H {H}, Lq {Lq}, K {K}, Lk {Lk}, D {D} | {fmt(ours[0])} / {fmt(ours[1])} | "
+        yield (f"| GCA B {B}, HQ {HQ}, H {H}, Lq {Lq}, K {K}, Lk {Lk}, D {D} | {fmt(ours[0])} / {fmt(ours[1])} | "
                     f"{fmt(orig[0])} / {fmt(orig[1])} | - | - | "
                     + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {verdict} |")
-    return rows
 
 
 def main(argv=None) -> int:
@@ -218,12 +217,14 @@ def main(argv=None) -> int:
           f"triton {importlib.import_module('triton').__version__}; bf16 inputs; ms fwd / fwd+bwd\n")
     print("| op, shape | ours | original | original -O | NSA (selection) | relative error vs ours | agree |")
     print("|---|---|---|---|---|---|---|")
+    agree = True
     rows = hsa_rows(a.original_repo, hsa_shapes, th, not a.no_nsa, a.tol)
     if a.drt_repo is not None:
-        rows += gca_rows(a.drt_repo, gca_shapes, th, a.tol)
+        rows = itertools.chain(rows, gca_rows(a.drt_repo, gca_shapes, th, a.tol))
     for r in rows:
         print(r, flush=True)
-    return 0 if all(r.endswith("| ok |") for r in rows) else 1
+        agree &= r.endswith("| ok |")
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":

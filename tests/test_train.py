@@ -62,6 +62,22 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_sigterm_before_the_first_log_line(tmp_path):
+    # Stopped before any step was due to be logged: the step it stops at is logged and summarised.
+    cmd = [sys.executable, "-m", "train.main", *SMALL, f"workdir={tmp_path}", "steps=500", "log_every=1000",
+           "checkpoint_every=2", "eval_every=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "checkpoints" / "2").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = max(losses(tmp_path))
+    assert 2 <= stopped < 500 and f"SIGTERM: saved checkpoint {stopped}" in out
+    assert f"hsa-train: steps 0->{stopped}: loss " in out, out[-2000:]
+
+
 def _batches(cfg, n):
     from data_pipeline import make_loader
     loader = iter(make_loader(resolve_index("bundled"), seq_len=cfg.data.seq_len,

@@ -222,7 +222,10 @@ def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
             if cfg.run.nan_policy == "stop" and not bool(m["finite"]):
                 raise FloatingPointError(f"non-finite loss or gradient at step {step} (run.nan_policy=stop); "
                                          f"the last checkpoint is kept in {ckpt.directory}")
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+            if distributed.preemption_reached(step):
+                stop["signal"] = signal.SIGTERM
+            stopping = stop["signal"] is not None  # read once: a stopping step is logged, saved, then left
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps or stopping:
                 loss = float(m["loss"])
                 record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
                           "grad_norm": float(m["grad_norm"]), "skipped": not bool(m["finite"])}
@@ -243,11 +246,9 @@ def _run(cfg: TrainConfig, workdir: Workdir, log) -> dict:
                 if primary:
                     bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
                 window_start, window_steps = time.perf_counter(), 0
-            if distributed.preemption_reached(step):
-                stop["signal"] = signal.SIGTERM
-            if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stop["signal"]:
+            if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
                 ckpt.save(step, state, cfg.to_dict(), rng_data)
-            if stop["signal"]:
+            if stopping:
                 log(f"SIGTERM: saved checkpoint {step}, exiting")
                 break
     finally:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU extrapolation runs of docs/results.md ("Extrapolation on GPU"): the two-stage pass-key recipe of
+# configs/extrapolation_gpu.yaml (SWA+HSA) and configs/extrapolation_gpu_drt.yaml (DRT), on one GPU.
+# Usage: bash benchmarks/gpu_extrapolation.sh STAGE... (run from anywhere; paths are the configs' own,
+# under runs/ in the repository). Environment: SEED (run.seed, default 0), LIMIT (seconds per training
+# stage, default 300: timeout's SIGTERM makes hsa-train checkpoint and stop), STEPS2 (stage 2's final
+# step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1).
+#   data          the four pass-key indexes named in the configs' headers
+#   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved)
+#   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
+#   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+SEED=${SEED:-0} LIMIT=${LIMIT:-300} STEPS2=${STEPS2:-3000} LENGTHS=${LENGTHS:-4K,64K,256K,1M} SAMPLES=${SAMPLES:-20}
+EVAL_SEED=${EVAL_SEED:-1}
+HSA=(--config configs/extrapolation_gpu.yaml run.seed="$SEED" run.keep_checkpoints=1)
+DRT=(--config configs/extrapolation_gpu_drt.yaml run.seed="$SEED" run.keep_checkpoints=1)
+
+synthetic() {  # synthetic OUT SEQ_LEN SAMPLES [HAYSTACK_DOCS DOC_TOKENS]
+  python3 -m data_pipeline.synthetic "runs/$1" --task passkey --key-digits 2 --qa-repeats 2 --seq-len "$2" \
+    --samples "$3" --haystack-docs "${4:-1}" --doc-tokens "${5:-65536}"
+}
+
+train() {  # train ARGS...: hsa-train for at most LIMIT seconds, its log without the progress bar
+  echo "+ hsa-train $*"
+  timeout "$LIMIT" python3 -m train.main "$@" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]' -e 'train: *[0-9]*%'
+}
+
+evaluate() {  # evaluate WORKDIR SEGMENT
+  local step
+  step=$(ls "$1/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+  echo "+ hsa-eval --checkpoint $1 (step $step) --lengths $LENGTHS --samples $SAMPLES --seed $EVAL_SEED"
+  python3 -m hsa_jax.cli.evaluate --checkpoint "$1" --haystack runs/xp_gpu_512/haystack --tokenizer bytes \
+    --tasks passkey2 --lengths "$LENGTHS" --samples "$SAMPLES" --seed "$EVAL_SEED" --segment "$2" \
+    --out "$1/eval_step$step" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]'
+}
+
+for stage in "$@"; do
+  case $stage in
+  data)
+    synthetic xp_gpu_512 512 40000 4 1048576
+    synthetic xp_gpu_4k 4096 20000
+    synthetic xp_gpu_504 504 40000
+    synthetic xp_gpu_4032 4032 20000
+    ;;
+  hsa1) train "${HSA[@]}" ;;
+  drt1) train "${DRT[@]}" ;;
+  hsa2) train "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
+  drt2) train "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
+  evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
+  evaldrt) evaluate runs/extrapolation_gpu_drt 16128 ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
