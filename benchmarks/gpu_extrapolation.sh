@@ -22,9 +22,18 @@ synthetic() {  # synthetic OUT SEQ_LEN SAMPLES [HAYSTACK_DOCS DOC_TOKENS]
     --samples "$3" --haystack-docs "${4:-1}" --doc-tokens "${5:-65536}"
 }
 
-train() {  # train ARGS...: hsa-train for at most LIMIT seconds, its log without the progress bar
+train() {  # train WORKDIR ARGS...: hsa-train for at most LIMIT seconds, its log without the progress bar
+  local workdir=$1; shift
   echo "+ hsa-train $*"
   timeout "$LIMIT" python3 -m train.main "$@" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]' -e 'train: *[0-9]*%'
+  python3 - "$workdir/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+timed = [r for r in rows if "step_time_s" in r]
+print("loss by step: " + " ".join(f"{r['step']}:{r['loss']:.4f}" for r in rows if "loss" in r and r["step"] % 250 == 0))
+if timed:
+    print(f"last logged step {timed[-1]['step']}: {timed[-1]['step_time_s'] * 1e3:.1f} ms per step")
+PY
 }
 
 evaluate() {  # evaluate WORKDIR SEGMENT
@@ -44,10 +53,10 @@ for stage in "$@"; do
     synthetic xp_gpu_504 504 40000
     synthetic xp_gpu_4032 4032 20000
     ;;
-  hsa1) train "${HSA[@]}" ;;
-  drt1) train "${DRT[@]}" ;;
-  hsa2) train "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
-  drt2) train "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
+  hsa1) train runs/extrapolation_gpu "${HSA[@]}" ;;
+  drt1) train runs/extrapolation_gpu_drt "${DRT[@]}" ;;
+  hsa2) train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
+  drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
   evaldrt) evaluate runs/extrapolation_gpu_drt 16128 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

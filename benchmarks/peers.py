@@ -126,6 +126,18 @@ def fmt(ms: float) -> str:
     return f"{ms:.3f}"
 
 
+def failure(e: Exception) -> str:
+    """A table cell for a peer op that raised (their code on a Triton/PyTorch release it was not written for)."""
+    lines = str(e).strip().splitlines() or [""]
+    return f"fails: {type(e).__name__}: {lines[-1][:120]}"
+
+
+def verdict(errs: dict, tol: float) -> str:
+    if not errs:
+        return "not compared"
+    return "ok" if max(errs.values()) <= tol else "DIFFERS"
+
+
 def hsa_rows(repo, shapes, th: Torch, nsa: bool, tol: float):
     """One table row per shape, yielded as soon as it is measured."""
     torch = th.torch
@@ -149,23 +161,28 @@ def hsa_rows(repo, shapes, th: Torch, nsa: bool, tol: float):
         for name, mod in (("original", shipped), ("original -O", stripped)):
             op = lambda q, k, v, w, i, mod=mod: mod.HSA(q, k, v, w, i, 0.0, S, scale)
             fb = th.fwd_bwd(op, 4)
-            if name == "original":
-                theirs = [th.numpy(t) for t in fb(*t_args, t_do)]
-                errs = {n: rel(t, x) for n, t, x in zip(("o", "dq", "dk", "dv", "dw"), theirs, (o, *grads))}
-            row[name] = (time_ms(op, *t_args, sync=th.sync), time_ms(fb, *t_args, t_do, sync=th.sync))
+            try:
+                if name == "original":
+                    theirs = [th.numpy(t) for t in fb(*t_args, t_do)]
+                    errs = {n: rel(t, x) for n, t, x in zip(("o", "dq", "dk", "dv", "dw"), theirs, (o, *grads))}
+                row[name] = (time_ms(op, *t_args, sync=th.sync), time_ms(fb, *t_args, t_do, sync=th.sync))
+            except Exception as e:  # their code on a Triton/PyTorch release it was not written for
+                row[name] = failure(e)
         if parallel_nsa is not None:
             g = torch.ones(Z, L, HQ, device=th.device, dtype=torch.bfloat16)
             op = lambda q, k, v, i: parallel_nsa(q, k, v, g_cmp=None, g_slc=g, g_swa=None, block_indices=i,
                                                  block_counts=K, block_size=S, scale=scale)
             nsa_args = (*t_args[:3], t_args[4])
-            row["NSA (selection)"] = (time_ms(op, *nsa_args, sync=th.sync),
-                                      time_ms(th.fwd_bwd(op, 3), *nsa_args, t_do, sync=th.sync))
-        worst = max(errs.values())
-        verdict = "ok" if worst <= tol else "DIFFERS"
+            try:
+                row["NSA (selection)"] = (time_ms(op, *nsa_args, sync=th.sync),
+                                          time_ms(th.fwd_bwd(op, 3), *nsa_args, t_do, sync=th.sync))
+            except Exception as e:
+                row["NSA (selection)"] = failure(e)
         yield (f"| HSA {Z}x{L}, HQ {HQ}, H {H}, D {D}, K {K}, S {S} | "
-                    + " | ".join(f"{fmt(f)} / {fmt(b)}" for f, b in row.values())
+                    + " | ".join(cell if isinstance(cell, str) else f"{fmt(cell[0])} / {fmt(cell[1])}"
+                                 for cell in row.values())
                     + (" | " if parallel_nsa is not None else " | - | ")
-                    + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {verdict} |")
+                    + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {verdict(errs, tol)} |")
 
 
 def gca_rows(repo, shapes, th: Torch, tol: float):
@@ -181,14 +198,16 @@ def gca_rows(repo, shapes, th: Torch, tol: float):
         t_do = th.tensor(do)
         op = lambda q, k, v, w: mod.attention(q, k, v, w, scale, 0.0)
         fb = th.fwd_bwd(op, 4)
-        theirs = [th.numpy(t) for t in fb(*t_args, t_do)]
-        errs = {n: rel(t, x) for n, t, x in zip(("o", "dq", "dk", "dv", "dw"), theirs, (o, *grads))}
         ours = (time_ms(ours_f, q, k, v, w), time_ms(ours_fb, q, k, v, w, do))
-        orig = (time_ms(op, *t_args, sync=th.sync), time_ms(fb, *t_args, t_do, sync=th.sync))
-        verdict = "ok" if max(errs.values()) <= tol else "DIFFERS"
+        errs = {}
+        try:
+            theirs = [th.numpy(t) for t in fb(*t_args, t_do)]
+            errs = {n: rel(t, x) for n, t, x in zip(("o", "dq", "dk", "dv", "dw"), theirs, (o, *grads))}
+            orig = f"{fmt(time_ms(op, *t_args, sync=th.sync))} / {fmt(time_ms(fb, *t_args, t_do, sync=th.sync))}"
+        except Exception as e:
+            orig = failure(e)
         yield (f"| GCA B {B}, HQ {HQ}, H {H}, Lq {Lq}, K {K}, Lk {Lk}, D {D} | {fmt(ours[0])} / {fmt(ours[1])} | "
-                    f"{fmt(orig[0])} / {fmt(orig[1])} | - | - | "
-                    + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {verdict} |")
+               f"{orig} | - | - | " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {verdict(errs, tol)} |")
 
 
 def main(argv=None) -> int:
