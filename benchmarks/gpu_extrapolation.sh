@@ -3,10 +3,10 @@
 # configs/extrapolation_gpu.yaml (SWA+HSA) and configs/extrapolation_gpu_drt.yaml (DRT), on one GPU.
 # Usage: bash benchmarks/gpu_extrapolation.sh STAGE... (run from anywhere; paths are the configs' own,
 # under runs/ in the repository). Environment: SEED (run.seed, default 0), LIMIT (seconds per training
-# stage, default 300: timeout's SIGTERM makes hsa-train checkpoint and stop), STEPS2 (stage 2's final
-# step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1).
+# stage, default 300: timeout's SIGTERM makes hsa-train checkpoint and stop), STEPS1 (stage 1's steps,
+# default the config's), STEPS2 (stage 2's final step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1).
 #   data          the four pass-key indexes named in the configs' headers
-#   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved)
+#   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
 #   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
 set -uo pipefail
@@ -53,8 +53,8 @@ for stage in "$@"; do
     synthetic xp_gpu_504 504 40000
     synthetic xp_gpu_4032 4032 20000
     ;;
-  hsa1) train runs/extrapolation_gpu "${HSA[@]}" ;;
-  drt1) train runs/extrapolation_gpu_drt "${DRT[@]}" ;;
+  hsa1) rm -rf runs/extrapolation_gpu; train runs/extrapolation_gpu "${HSA[@]}" ${STEPS1:+steps=$STEPS1} ;;
+  drt1) rm -rf runs/extrapolation_gpu_drt; train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
   hsa2) train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
   drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
