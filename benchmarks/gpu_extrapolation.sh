@@ -9,6 +9,9 @@
 #   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
 #   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
+#   mk1 / evalmk  the multi-key variant: SWA+HSA stage 1 on samples with 2 named pass keys, both asked
+#                 (runs/xp_gpu_mk_512, workdir runs/extrapolation_gpu_mk), evaluated on mk_passkey2
+#                 (4 named keys, one asked) and passkey2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -36,12 +39,12 @@ if timed:
 PY
 }
 
-evaluate() {  # evaluate WORKDIR SEGMENT
+evaluate() {  # evaluate WORKDIR SEGMENT [TASKS]
   local step
   step=$(ls "$1/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
   echo "+ hsa-eval --checkpoint $1 (step $step) --lengths $LENGTHS --samples $SAMPLES --seed $EVAL_SEED"
   python3 -m hsa_jax.cli.evaluate --checkpoint "$1" --haystack runs/xp_gpu_512/haystack --tokenizer bytes \
-    --tasks passkey2 --lengths "$LENGTHS" --samples "$SAMPLES" --seed "$EVAL_SEED" --segment "$2" \
+    --tasks "${3:-passkey2}" --lengths "$LENGTHS" --samples "$SAMPLES" --seed "$EVAL_SEED" --segment "$2" \
     --out "$1/eval_step$step" 2>&1 | grep -v -e '^W[0-9]' -e '^I[0-9]'
 }
 
@@ -58,6 +61,13 @@ for stage in "$@"; do
   hsa2) train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
   drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
+  mk1)
+    [ -e runs/xp_gpu_mk_512/train/manifest.json ] || python3 -m data_pipeline.synthetic runs/xp_gpu_mk_512 \
+      --task mk_passkey --keys 2 --qa-repeats 2 --key-digits 2 --seq-len 512 --samples 40000 --haystack-docs 1
+    rm -rf runs/extrapolation_gpu_mk
+    train runs/extrapolation_gpu_mk "${HSA[@]}" ${STEPS1:+steps=$STEPS1} data.index=runs/xp_gpu_mk_512/train \
+      data.eval_index=runs/xp_gpu_mk_512/train workdir=runs/extrapolation_gpu_mk ;;
+  evalmk) evaluate runs/extrapolation_gpu_mk 16384 mk_passkey2,passkey2 ;;
   evaldrt) evaluate runs/extrapolation_gpu_drt 16128 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

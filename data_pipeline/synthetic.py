@@ -89,6 +89,30 @@ def passkey_sample(rng: np.random.Generator, seq_len: int, qa_repeats: int = 2,
     return out
 
 
+def mk_passkey_sample(rng: np.random.Generator, seq_len: int, qa_repeats: int = 2,
+                      digits: int = PASSKEY_DIGITS, keys: int = 4) -> np.ndarray:
+    """One multi-key pass-key sequence of exactly seq_len tokens, in the layout of
+    hsa_jax.eval.ruler.RulerTasks.mk_passkey (own randomness): `keys` needles " The pass key of NAME is K.
+    Remember it. K is the pass key of NAME." (distinct 3-letter names and keys) at uniform positions, then
+    qa_repeats questions " What is the pass key of NAME? The pass key of NAME is. Answer:  K" + EOS, each
+    about a different needle: no answer can be copied from an earlier one."""
+    names = [bytes(row.astype(np.uint8)).decode() for row in np.unique(rng.integers(65, 91, size=(4 * keys, 3)), axis=0)]
+    names = [names[i] for i in rng.permutation(len(names))[:keys]]
+    vals = [str(v) for v in rng.choice(np.arange(10 ** (digits - 1), 10 ** digits - 1), size=keys, replace=False)]
+    needles = [_enc(f" The pass key of {n} is {v}. Remember it. {v} is the pass key of {n}.") for n, v in zip(names, vals)]
+    asked = rng.permutation(keys)[:qa_repeats]
+    prompt = np.concatenate([np.concatenate([_enc(f" What is the pass key of {names[i]}? The pass key of {names[i]} is"),
+                                             _enc(". Answer: "), _enc(f" {vals[i]}"), [ByteTokenizer.eos_id]])
+                             for i in asked])
+    body = filler(rng, seq_len - sum(len(n) for n in needles) - len(prompt))
+    cuts = np.sort(rng.integers(len(body) + 1, size=keys))
+    pieces = np.split(body, cuts)
+    out = np.concatenate([x for piece, needle in zip(pieces, needles + [np.zeros(0, np.int64)])
+                          for x in (piece, needle)] + [prompt])
+    assert len(out) == seq_len
+    return out
+
+
 def _write(directory: pathlib.Path, docs) -> dict:
     tok = ByteTokenizer()
     dtype = token_dtype(tok.vocab_size)
@@ -102,7 +126,7 @@ def _write(directory: pathlib.Path, docs) -> dict:
 
 def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_len: int = 512, seed: int = 0,
                     haystack_docs: int = 64, doc_tokens: int = 65536, task: str = "s_niah",
-                    qa_repeats: int = 2, key_digits: int = PASSKEY_DIGITS) -> dict[str, pathlib.Path]:
+                    qa_repeats: int = 2, key_digits: int = PASSKEY_DIGITS, keys: int = 4) -> dict[str, pathlib.Path]:
     """Writes OUT/train and OUT/haystack (skipped when already complete); returns their paths."""
     out = pathlib.Path(out_dir)
     paths = {"train": out / "train", "haystack": out / "haystack"}
@@ -115,10 +139,13 @@ def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_le
         # each sample already ends with EOS (the end of its question prompt)
         if task == "passkey":
             _write(paths["train"], (passkey_sample(rng, seq_len, qa_repeats, key_digits) for _ in range(samples)))
+        elif task == "mk_passkey":
+            _write(paths["train"], (mk_passkey_sample(rng, seq_len, qa_repeats, key_digits, keys)
+                                    for _ in range(samples)))
         elif task == "s_niah":
             _write(paths["train"], (niah_sample(rng, seq_len) for _ in range(samples)))
         else:
-            raise ValueError(f"unknown task {task!r}: s_niah or passkey")
+            raise ValueError(f"unknown task {task!r}: s_niah, passkey or mk_passkey")
     for p in paths.values():
         read_manifest(p)
     return paths
@@ -133,14 +160,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the keys, needle positions and filler (default 0)")
     p.add_argument("--haystack-docs", type=int, default=64, help="filler documents in OUT/haystack, hsa-eval's --haystack (default 64)")
     p.add_argument("--doc-tokens", type=int, default=65536, help="tokens per haystack document (default 65536)")
-    p.add_argument("--task", choices=("s_niah", "passkey"), default="s_niah",
-                   help="training-sample format: hsa-eval's s_niah (7 random key bytes) or passkey (--key-digits digits)")
-    p.add_argument("--qa-repeats", type=int, default=2, help="passkey: question/answer blocks per sample")
-    p.add_argument("--key-digits", type=int, default=PASSKEY_DIGITS, help="passkey: digits of the key")
+    p.add_argument("--task", choices=("s_niah", "passkey", "mk_passkey"), default="s_niah",
+                   help="training-sample format: hsa-eval's s_niah (7 random key bytes), passkey (--key-digits "
+                        "digits) or mk_passkey (--keys named pass keys, --qa-repeats of them asked)")
+    p.add_argument("--qa-repeats", type=int, default=2, help="passkey, mk_passkey: question/answer blocks per sample")
+    p.add_argument("--key-digits", type=int, default=PASSKEY_DIGITS, help="passkey, mk_passkey: digits of the key")
+    p.add_argument("--keys", type=int, default=4, help="mk_passkey: needles per sample (default 4)")
     a = p.parse_args(argv)
+    if a.task == "mk_passkey" and not 1 <= a.qa_repeats <= a.keys:
+        p.error(f"--qa-repeats {a.qa_repeats} with --keys {a.keys}: mk_passkey asks about distinct needles, so "
+                f"1 <= --qa-repeats <= --keys")
+    if a.task == "mk_passkey" and a.keys > 10 ** a.key_digits - 10 ** (a.key_digits - 1) - 1:
+        p.error(f"--keys {a.keys}: more than the {a.key_digits}-digit keys there are")
     paths = build_synthetic(a.out, samples=a.samples, seq_len=a.seq_len, seed=a.seed,
                             haystack_docs=a.haystack_docs, doc_tokens=a.doc_tokens, task=a.task,
-                            qa_repeats=a.qa_repeats, key_digits=a.key_digits)
+                            qa_repeats=a.qa_repeats, key_digits=a.key_digits, keys=a.keys)
     for name, path in paths.items():
         m = read_manifest(path)
         print(f"{name}: {path} ({m['total_tokens']} tokens, {m['num_documents']} documents)")

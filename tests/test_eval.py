@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline.synthetic import build_synthetic, niah_sample
+from data_pipeline.synthetic import build_synthetic, mk_passkey_sample, niah_sample
 from hsa_jax.cli import evaluate
 from hsa_jax.models.swa_hsa.config import SWAHSAConfig
 from hsa_jax.models.swa_hsa.decode import SWAHSADecoder
@@ -153,6 +153,43 @@ def test_synthetic_sample_is_an_s_niah_sample():
     key = s[-8:-1]
     assert len(s) == 512 and s[-1] == 256
     assert count(s, enc(" |One of the special magic numbers for long-context is:") + list(key) + enc("|")) == 1
+
+
+def test_mk_passkey_asks_one_of_four_named_keys():
+    import re
+    from hsa_jax.eval.longctx import build_task
+    for seed in range(3):
+        t = build_task(TASKS, "mk_passkey2", haystack(2000, seed))
+        text = bytes(t.ids[:-1].astype(np.uint8)).decode()
+        owners = dict(re.findall(r" The pass key of ([A-Z]{3}) is (\d\d)\. Remember it\.", text))
+        asked = re.search(r"What is the pass key of ([A-Z]{3})\? The pass key of \1 is\. Answer: $",
+                          bytes(t.q.astype(np.uint8)).decode()).group(1)
+        assert len(owners) == 4 and len(set(owners.values())) == 4  # distinct names, distinct keys
+        assert bytes(t.a[:-1].astype(np.uint8)).decode() == f" {owners[asked]}" and t.a[-1] == 256
+        assert len(t.ids) == 2000
+
+
+def test_mk_passkey_training_sample():
+    import re
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = mk_passkey_sample(rng, 1024, qa_repeats=3, digits=2, keys=4)
+        text = bytes(s[:-1].astype(np.uint8)).decode()
+        assert len(s) == 1024 and s[-1] == 256
+        owners = dict(re.findall(r" The pass key of ([A-Z]{3}) is (\d\d)\. Remember it\. \2 is the pass key of \1\.", text))
+        qa = re.findall(r" What is the pass key of ([A-Z]{3})\? The pass key of \1 is\. Answer:  (\d\d)", text)
+        assert len(owners) == 4 and len(set(owners.values())) == 4
+        assert len(qa) == 3 and len({n for n, _ in qa}) == 3  # each question about another needle
+        assert all(owners[n] == k for n, k in qa)
+
+
+def test_synthetic_cli_rejects_more_questions_than_keys(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", str(tmp_path / "x"), "--task", "mk_passkey",
+                        "--keys", "2", "--qa-repeats", "3"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--qa-repeats 3 with --keys 2" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
 
 
 TINY = dict(vocab_size=257, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,

@@ -15,7 +15,8 @@ original's token for token.
 Tasks: "s_niah" (task 0), "mq_niah" (task 1), "vt" (task 2), "fwe" (task 3) are the original's. Two
 are ours, for the issue's task list: "mk_niah" is task 1 with a single query (6 key-value needles, one
 asked: the other five are distractors), and "passkey" is the classic pass-key retrieval (a 5-digit
-number in the haystack, its digits asked for), built with the same seeding and insertion rules.
+number in the haystack, its digits asked for), built with the same seeding and insertion rules;
+"mk_passkey" is its multi-key form (4 named pass keys, one asked).
 """
 
 from __future__ import annotations
@@ -215,13 +216,32 @@ class RulerTasks:
         answer = self.tok.encode(f" {key}")
         return self._assemble(h, [needle], question, answer, rng)
 
+    def mk_passkey(self, haystack, digits: int = 5, keys: int = 4) -> Task:
+        """`keys` pass-key needles, each naming its owner (3 capital letters); the question asks for the
+        first owner's key, so the other needles are distractors that only the name tells apart."""
+        h = np.asarray(haystack, np.int64)
+        rng = _rng(h)
+        names, vals = [], []
+        while len(names) < keys:
+            n = _name(rng, string.ascii_uppercase, 3)
+            if n not in names:
+                names.append(n)
+        while len(vals) < keys:
+            v = f"{rng.randint(10 ** (digits - 1), 10 ** digits - 1)}"
+            if v not in vals:
+                vals.append(v)
+        needles = [self.tok.encode(f" The pass key of {n} is {v}. Remember it. {v} is the pass key of {n}.")
+                   for n, v in zip(names, vals)]
+        question = self.tok.encode(f" What is the pass key of {names[0]}? The pass key of {names[0]} is")
+        return self._assemble(h, needles, question, self.tok.encode(f" {vals[0]}"), rng)
+
     def build(self, name: str, haystack) -> Task:
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
         return getattr(self, name)(haystack)
 
 
-TASKS = ("s_niah", "mk_niah", "mq_niah", "vt", "passkey", "fwe")
+TASKS = ("s_niah", "mk_niah", "mq_niah", "vt", "passkey", "mk_passkey", "fwe")
 
 
 def predicted_answer(logits_TxV, task: Task) -> np.ndarray:
