@@ -71,6 +71,16 @@ def _name(rng, letters: str, n: int) -> str:
     return "".join(rng.choice(list(letters)) for _ in range(n))
 
 
+def _distinct(draw, n: int) -> list:
+    """The first n distinct values of repeated draw() calls, in order (the draws of the duplicates count)."""
+    out = []
+    while len(out) < n:
+        x = draw()
+        if x not in out:
+            out.append(x)
+    return out
+
+
 def _insert_needles(ids: np.ndarray, needles: list, rng) -> np.ndarray:
     """Needle k goes before haystack position p_k (distinct positions from a shuffled range), inserted
     one after another; later positions past an insertion shift by its length."""
@@ -114,15 +124,8 @@ class RulerTasks:
                 num_queries: int = 2) -> Task:
         h = np.asarray(haystack, np.int64)
         rng = _rng(h)
-        names, vals = [], []
-        while len(names) < total_var:
-            n = _name(rng, string.ascii_uppercase, var_name_len)
-            if n not in names:
-                names.append(n)
-        while len(vals) < total_var:
-            v = f"{rng.randint(10 ** var_len, 10 ** (var_len + 1) - 1)}"
-            if v not in vals:
-                vals.append(v)
+        names = _distinct(lambda: _name(rng, string.ascii_uppercase, var_name_len), total_var)
+        vals = _distinct(lambda: f"{rng.randint(10 ** var_len, 10 ** (var_len + 1) - 1)}", total_var)
         needles = [self.tok.encode(f"| One of the special magic numbers for {n} is {v}.|") for n, v in zip(names, vals)]
         rng.shuffle(needles)
         question = self.tok.encode(
@@ -221,15 +224,8 @@ class RulerTasks:
         first owner's key, so the other needles are distractors that only the name tells apart."""
         h = np.asarray(haystack, np.int64)
         rng = _rng(h)
-        names, vals = [], []
-        while len(names) < keys:
-            n = _name(rng, string.ascii_uppercase, 3)
-            if n not in names:
-                names.append(n)
-        while len(vals) < keys:
-            v = f"{rng.randint(10 ** (digits - 1), 10 ** digits - 1)}"
-            if v not in vals:
-                vals.append(v)
+        names = _distinct(lambda: _name(rng, string.ascii_uppercase, 3), keys)
+        vals = _distinct(lambda: f"{rng.randint(10 ** (digits - 1), 10 ** digits - 1)}", keys)
         needles = [self.tok.encode(f" The pass key of {n} is {v}. Remember it. {v} is the pass key of {n}.")
                    for n, v in zip(names, vals)]
         question = self.tok.encode(f" What is the pass key of {names[0]}? The pass key of {names[0]} is")
