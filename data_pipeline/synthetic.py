@@ -96,8 +96,7 @@ def mk_passkey_sample(rng: np.random.Generator, seq_len: int, qa_repeats: int = 
     Remember it. K is the pass key of NAME." (distinct 3-letter names and keys) at uniform positions, then
     qa_repeats questions " What is the pass key of NAME? The pass key of NAME is. Answer:  K" + EOS, each
     about a different needle: no answer can be copied from an earlier one."""
-    names = [bytes(row.astype(np.uint8)).decode() for row in np.unique(rng.integers(65, 91, size=(4 * keys, 3)), axis=0)]
-    names = [names[i] for i in rng.permutation(len(names))[:keys]]
+    names = ["".join(chr(65 + c // 26 ** i % 26) for i in range(3)) for c in rng.choice(26 ** 3, keys, replace=False)]
     vals = [str(v) for v in rng.choice(np.arange(10 ** (digits - 1), 10 ** digits - 1), size=keys, replace=False)]
     needles = [_enc(f" The pass key of {n} is {v}. Remember it. {v} is the pass key of {n}.") for n, v in zip(names, vals)]
     asked = rng.permutation(keys)[:qa_repeats]
