@@ -4,7 +4,9 @@
 # Usage: bash benchmarks/gpu_extrapolation.sh STAGE... (run from anywhere; paths are the configs' own,
 # under runs/ in the repository). Environment: SEED (run.seed, default 0), LIMIT (seconds per training
 # stage, default 300: timeout's SIGTERM makes hsa-train checkpoint and stop), STEPS1 (stage 1's steps,
-# default the config's), STEPS2 (stage 2's final step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1).
+# default the config's), STEPS2 (stage 2's final step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1),
+# FROM (hsa2 only: start stage 2 from this stage-1 run folder, e.g. assets/extrapolation_gpu_512_seed0, copied
+# into a fresh runs/extrapolation_gpu).
 #   data          the four pass-key indexes named in the configs' headers
 #   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
@@ -58,7 +60,10 @@ for stage in "$@"; do
     ;;
   hsa1) rm -rf runs/extrapolation_gpu; train runs/extrapolation_gpu "${HSA[@]}" ${STEPS1:+steps=$STEPS1} ;;
   drt1) rm -rf runs/extrapolation_gpu_drt; train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
-  hsa2) train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
+  hsa2)
+    if [ -n "${FROM:-}" ]; then rm -rf runs/extrapolation_gpu && mkdir -p runs/extrapolation_gpu &&
+      cp -r "$FROM/config.json" "$FROM/checkpoints" runs/extrapolation_gpu/ || exit 1; fi
+    train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
   drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
   mk1)
