@@ -11,7 +11,10 @@
 #   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
 #   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
-#   mk1 / evalmk  the multi-key variant: SWA+HSA stage 1 on samples with 2 named pass keys, both asked
+#   mk2           the multi-key variant continued from the stage-2 SWA+HSA run: a copy of runs/extrapolation_gpu
+#                 resumed on 4K-token samples with 4 named pass keys, 2 of them asked (runs/xp_gpu_mk_4k),
+#                 workdir runs/extrapolation_gpu_mk, until step STEPS2
+#   mk1 / evalmk  the multi-key variant from scratch: SWA+HSA stage 1 on samples with 2 named pass keys, both asked
 #                 (runs/xp_gpu_mk_512, workdir runs/extrapolation_gpu_mk), evaluated on mk_passkey2
 #                 (4 named keys, one asked) and passkey2
 set -uo pipefail
@@ -72,6 +75,13 @@ for stage in "$@"; do
     rm -rf runs/extrapolation_gpu_mk
     train runs/extrapolation_gpu_mk "${HSA[@]}" ${STEPS1:+steps=$STEPS1} data.index=runs/xp_gpu_mk_512/train \
       data.eval_index=runs/xp_gpu_mk_512/train workdir=runs/extrapolation_gpu_mk ;;
+  mk2)
+    [ -e runs/xp_gpu_mk_4k/train/manifest.json ] || python3 -m data_pipeline.synthetic runs/xp_gpu_mk_4k \
+      --task mk_passkey --keys 4 --qa-repeats 2 --key-digits 2 --seq-len 4096 --samples 20000 --haystack-docs 1
+    rm -rf runs/extrapolation_gpu_mk && mkdir -p runs/extrapolation_gpu_mk &&
+      cp -r runs/extrapolation_gpu/config.json runs/extrapolation_gpu/checkpoints runs/extrapolation_gpu_mk/ || exit 1
+    train runs/extrapolation_gpu_mk "${HSA[@]}" data.index=runs/xp_gpu_mk_4k/train data.eval_index=runs/xp_gpu_mk_4k/train \
+      data.seq_len=4096 steps="$STEPS2" workdir=runs/extrapolation_gpu_mk ;;
   evalmk) evaluate runs/extrapolation_gpu_mk 16384 mk_passkey2,passkey2 ;;
   evaldrt) evaluate runs/extrapolation_gpu_drt 16128 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
