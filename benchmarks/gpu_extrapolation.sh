@@ -7,13 +7,13 @@
 # default the config's), STEPS2 (stage 2's final step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1),
 # FROM (hsa2 only: start stage 2 from this stage-1 run folder, e.g. assets/extrapolation_gpu_512_seed0, copied
 # into a fresh runs/extrapolation_gpu).
-#   data          the four pass-key indexes named in the configs' headers
+#   data          the four pass-key indexes named in the configs' headers (DRT's with --tail-jitter 62)
 #   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
 #   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
-#   mk2           the multi-key variant continued from the stage-2 SWA+HSA run: a copy of runs/extrapolation_gpu
-#                 resumed on 4K-token samples with 4 named pass keys, 2 of them asked (runs/xp_gpu_mk_4k),
-#                 workdir runs/extrapolation_gpu_mk, until step STEPS2
+#   mk2           the multi-key variant continued from the stage-2 SWA+HSA run: runs/extrapolation_gpu_mk (a
+#                 copy of runs/extrapolation_gpu when it does not exist yet) resumed on 4K-token samples with 4
+#                 named pass keys, 2 of them asked (runs/xp_gpu_mk_4k), until step STEPS2
 #   mk1 / evalmk  the multi-key variant from scratch: SWA+HSA stage 1 on samples with 2 named pass keys, both asked
 #                 (runs/xp_gpu_mk_512, workdir runs/extrapolation_gpu_mk), evaluated on mk_passkey2
 #                 (4 named keys, one asked) and passkey2
@@ -25,9 +25,9 @@ EVAL_SEED=${EVAL_SEED:-1}
 HSA=(--config configs/extrapolation_gpu.yaml run.seed="$SEED" run.keep_checkpoints=1)
 DRT=(--config configs/extrapolation_gpu_drt.yaml run.seed="$SEED" run.keep_checkpoints=1)
 
-synthetic() {  # synthetic OUT SEQ_LEN SAMPLES [HAYSTACK_DOCS DOC_TOKENS]
+synthetic() {  # synthetic OUT SEQ_LEN SAMPLES [HAYSTACK_DOCS DOC_TOKENS TAIL_JITTER]
   python3 -m data_pipeline.synthetic "runs/$1" --task passkey --key-digits 2 --qa-repeats 2 --seq-len "$2" \
-    --samples "$3" --haystack-docs "${4:-1}" --doc-tokens "${5:-65536}"
+    --samples "$3" --haystack-docs "${4:-1}" --doc-tokens "${5:-65536}" --tail-jitter "${6:-0}"
 }
 
 train() {  # train WORKDIR ARGS...: hsa-train for at most LIMIT seconds, its log without the progress bar
@@ -58,8 +58,8 @@ for stage in "$@"; do
   data)
     synthetic xp_gpu_512 512 40000 4 1048576
     synthetic xp_gpu_4k 4096 20000
-    synthetic xp_gpu_504 504 40000
-    synthetic xp_gpu_4032 4032 20000
+    synthetic xp_gpu_504j 504 40000 1 65536 62
+    synthetic xp_gpu_4032j 4032 20000 1 65536 62
     ;;
   hsa1) rm -rf runs/extrapolation_gpu; train runs/extrapolation_gpu "${HSA[@]}" ${STEPS1:+steps=$STEPS1} ;;
   drt1) rm -rf runs/extrapolation_gpu_drt; train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
@@ -67,7 +67,7 @@ for stage in "$@"; do
     if [ -n "${FROM:-}" ]; then rm -rf runs/extrapolation_gpu && mkdir -p runs/extrapolation_gpu &&
       cp -r "$FROM/config.json" "$FROM/checkpoints" runs/extrapolation_gpu/ || exit 1; fi
     train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
-  drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032/train data.eval_index=runs/xp_gpu_4032/train data.seq_len=4032 steps="$STEPS2" ;;
+  drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032j/train data.eval_index=runs/xp_gpu_4032j/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
   mk1)
     [ -e runs/xp_gpu_mk_512/train/manifest.json ] || python3 -m data_pipeline.synthetic runs/xp_gpu_mk_512 \
@@ -78,8 +78,8 @@ for stage in "$@"; do
   mk2)
     [ -e runs/xp_gpu_mk_4k/train/manifest.json ] || python3 -m data_pipeline.synthetic runs/xp_gpu_mk_4k \
       --task mk_passkey --keys 4 --qa-repeats 2 --key-digits 2 --seq-len 4096 --samples 20000 --haystack-docs 1
-    rm -rf runs/extrapolation_gpu_mk && mkdir -p runs/extrapolation_gpu_mk &&
-      cp -r runs/extrapolation_gpu/config.json runs/extrapolation_gpu/checkpoints runs/extrapolation_gpu_mk/ || exit 1
+    if [ ! -e runs/extrapolation_gpu_mk/checkpoints ]; then mkdir -p runs/extrapolation_gpu_mk &&
+      cp -r runs/extrapolation_gpu/config.json runs/extrapolation_gpu/checkpoints runs/extrapolation_gpu_mk/ || exit 1; fi
     train runs/extrapolation_gpu_mk "${HSA[@]}" data.index=runs/xp_gpu_mk_4k/train data.eval_index=runs/xp_gpu_mk_4k/train \
       data.seq_len=4096 steps="$STEPS2" workdir=runs/extrapolation_gpu_mk ;;
   evalmk) evaluate runs/extrapolation_gpu_mk 16384 mk_passkey2,passkey2 ;;

@@ -14,6 +14,10 @@ Two byte-level token indexes (the bundled byte tokenizer: ids 0-255 are UTF-8 by
              With --task passkey (the CPU demo's recipe), each sample is instead in the layout of
              RulerTasks.passkey with a --key-digits key (hsa-eval tasks passkey / passkey2 / passkey3),
              its question/answer block repeated --qa-repeats times to raise the share of answer tokens.
+             --tail-jitter J ends each sample with 0..J filler tokens (uniform) after its final EOS, so that
+             the question does not always sit at the same offset within a chunk: DRT retrieves once per
+             chunk, by the landmark of the chunk before, and a DRT trained with the question at one fixed
+             offset answers at that offset only (docs/results.md "DRT and where the question falls").
 
     python -m data_pipeline.synthetic OUT_DIR [--samples 50000] [--seq-len 512] [--seed 0]
     python -m data_pipeline.synthetic OUT_DIR --task passkey --key-digits 2 --qa-repeats 6 --samples 20000
@@ -22,6 +26,7 @@ Two byte-level token indexes (the bundled byte tokenizer: ids 0-255 are UTF-8 by
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 
@@ -125,7 +130,8 @@ def _write(directory: pathlib.Path, docs) -> dict:
 
 def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_len: int = 512, seed: int = 0,
                     haystack_docs: int = 64, doc_tokens: int = 65536, task: str = "s_niah",
-                    qa_repeats: int = 2, key_digits: int = PASSKEY_DIGITS, keys: int = 4) -> dict[str, pathlib.Path]:
+                    qa_repeats: int = 2, key_digits: int = PASSKEY_DIGITS, keys: int = 4,
+                    tail_jitter: int = 0) -> dict[str, pathlib.Path]:
     """Writes OUT/train and OUT/haystack (skipped when already complete); returns their paths."""
     out = pathlib.Path(out_dir)
     paths = {"train": out / "train", "haystack": out / "haystack"}
@@ -135,16 +141,22 @@ def build_synthetic(out_dir: str | pathlib.Path, *, samples: int = 50000, seq_le
         _write(paths["haystack"], (np.concatenate([filler(rng, doc_tokens - 1), eos]) for _ in range(haystack_docs)))
     if not (paths["train"] / "manifest.json").exists():
         rng = np.random.default_rng([seed, 1])
-        # each sample already ends with EOS (the end of its question prompt)
         if task == "passkey":
-            _write(paths["train"], (passkey_sample(rng, seq_len, qa_repeats, key_digits) for _ in range(samples)))
+            make = functools.partial(passkey_sample, rng, qa_repeats=qa_repeats, digits=key_digits)
         elif task == "mk_passkey":
-            _write(paths["train"], (mk_passkey_sample(rng, seq_len, qa_repeats, key_digits, keys)
-                                    for _ in range(samples)))
+            make = functools.partial(mk_passkey_sample, rng, qa_repeats=qa_repeats, digits=key_digits, keys=keys)
         elif task == "s_niah":
-            _write(paths["train"], (niah_sample(rng, seq_len) for _ in range(samples)))
+            make = functools.partial(niah_sample, rng)
         else:
             raise ValueError(f"unknown task {task!r}: s_niah, passkey or mk_passkey")
+
+        def sample():  # each sample ends with EOS (the end of its question prompt), then the jitter's filler
+            if not tail_jitter:  # (no draw: the data of earlier versions is reproduced)
+                return make(seq_len)
+            j = int(rng.integers(tail_jitter + 1))
+            return np.concatenate([make(seq_len - j), filler(rng, j)])
+
+        _write(paths["train"], (sample() for _ in range(samples)))
     for p in paths.values():
         read_manifest(p)
     return paths
@@ -165,15 +177,19 @@ def main(argv=None) -> int:
     p.add_argument("--qa-repeats", type=int, default=2, help="passkey, mk_passkey: question/answer blocks per sample")
     p.add_argument("--key-digits", type=int, default=PASSKEY_DIGITS, help="passkey, mk_passkey: digits of the key")
     p.add_argument("--keys", type=int, default=4, help="mk_passkey: needles per sample (default 4)")
+    p.add_argument("--tail-jitter", type=int, default=0,
+                   help="end each sample with 0..J filler tokens after its EOS, J uniform (default 0: none)")
     a = p.parse_args(argv)
     if a.task == "mk_passkey" and not 1 <= a.qa_repeats <= a.keys:
         p.error(f"--qa-repeats {a.qa_repeats} with --keys {a.keys}: mk_passkey asks about distinct needles, so "
                 f"1 <= --qa-repeats <= --keys")
     if a.task == "mk_passkey" and a.keys > 10 ** a.key_digits - 10 ** (a.key_digits - 1) - 1:
         p.error(f"--keys {a.keys}: more than the {a.key_digits}-digit keys there are")
+    if not 0 <= a.tail_jitter <= a.seq_len // 4:
+        p.error(f"--tail-jitter {a.tail_jitter}: allowed 0 <= J <= seq_len/4 = {a.seq_len // 4}")
     paths = build_synthetic(a.out, samples=a.samples, seq_len=a.seq_len, seed=a.seed,
                             haystack_docs=a.haystack_docs, doc_tokens=a.doc_tokens, task=a.task,
-                            qa_repeats=a.qa_repeats, key_digits=a.key_digits, keys=a.keys)
+                            qa_repeats=a.qa_repeats, key_digits=a.key_digits, keys=a.keys, tail_jitter=a.tail_jitter)
     for name, path in paths.items():
         m = read_manifest(path)
         print(f"{name}: {path} ({m['total_tokens']} tokens, {m['num_documents']} documents)")

@@ -192,6 +192,27 @@ def test_synthetic_cli_rejects_more_questions_than_keys(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_synthetic_tail_jitter_moves_the_question(tmp_path):
+    """--tail-jitter J: samples stay seq_len long, each a passkey sample of seq_len - j tokens (its question
+    and answer intact, EOS after the answer) followed by j filler tokens, with j spread over 0..J."""
+    import re
+    from data_pipeline.index import TokenIndex
+    build_synthetic(tmp_path, samples=200, seq_len=256, haystack_docs=1, doc_tokens=512, task="passkey",
+                    qa_repeats=1, key_digits=2, tail_jitter=63)
+    index = TokenIndex(tmp_path / "train")
+    assert index.total_tokens == 200 * 256
+    tails = []
+    for i in range(200):
+        s = index.read(i * 256, 256)
+        eos = np.flatnonzero(s == 256)
+        assert len(eos) == 1  # the filler tail holds no EOS
+        text = bytes(s[:eos[0]].astype(np.uint8)).decode()
+        key = re.search(r" The pass key is (\d\d)\. Remember it\.", text).group(1)
+        assert text.endswith(f" What is the pass key? The pass key is. Answer:  {key}")
+        tails.append(255 - eos[0])
+    assert min(tails) <= 3 and max(tails) >= 60 and len(set(tails)) > 40
+
+
 TINY = dict(vocab_size=257, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
             num_kv_heads=1, num_lower_layers=1, num_upper_layers=1, chunk_size=32, chunk_topk=2,
             retrieval_dim=32, encoder_layers=1, sliding_window=32, initializer_range=0.2, hsa_impl="xla")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hsa_jax.common.layers import Dense, RMSNorm, SwiGLU, apply_rope, attention_backend, sliding_window_attention
+from hsa_jax.common.topk import top_k_indices
 from pallas_kernels.gca import gca_attention
 
 ALIBI_BLOCK = 256  # query rows per block of the banded ALiBi attention
@@ -71,7 +72,7 @@ def select_chunks(q_NxCxD, lmk_NxCxD, topk: int, noise_rng=None):
     visible_CxC = jnp.arange(C)[None, :] < jnp.arange(C)[:, None]
     masked = jnp.where(visible_CxC, s_NxCxC, -jnp.inf)
     rank = masked if noise_rng is None else masked + jax.random.gumbel(noise_rng, masked.shape)
-    _, idx_NxCxK = jax.lax.top_k(rank, K)
+    idx_NxCxK = top_k_indices(rank, K)
     ok = idx_NxCxK < jnp.arange(C)[None, :, None]
     g = jnp.where(ok, jnp.take_along_axis(s_NxCxC, idx_NxCxK, axis=-1), 0.0)
     m = jax.lax.stop_gradient(jnp.max(jnp.where(ok, g, -jnp.inf), axis=-1, keepdims=True))
