@@ -9,6 +9,7 @@
 # into a fresh runs/extrapolation_gpu).
 #   data          the four pass-key indexes named in the configs' headers (DRT's with --tail-jitter 62)
 #   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
+#   drt1r         DRT stage 1 resumed (runs/extrapolation_gpu_drt kept), on the config's data, until STEPS1
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
 #   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
 #   mk2           the multi-key variant continued from the stage-2 SWA+HSA run: runs/extrapolation_gpu_mk (a
@@ -67,6 +68,7 @@ for stage in "$@"; do
     if [ -n "${FROM:-}" ]; then rm -rf runs/extrapolation_gpu && mkdir -p runs/extrapolation_gpu &&
       cp -r "$FROM/config.json" "$FROM/checkpoints" runs/extrapolation_gpu/ || exit 1; fi
     train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
+  drt1r) train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
   drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032j/train data.eval_index=runs/xp_gpu_4032j/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
   mk1)
