@@ -4,20 +4,19 @@
 # Usage: bash benchmarks/gpu_extrapolation.sh STAGE... (run from anywhere; paths are the configs' own,
 # under runs/ in the repository). Environment: SEED (run.seed, default 0), LIMIT (seconds per training
 # stage, default 300: timeout's SIGTERM makes hsa-train checkpoint and stop), STEPS1 (stage 1's steps,
-# default the config's), STEPS2 (stage 2's final step, default 3000), LENGTHS (default 4K,64K,256K,1M), SAMPLES (default 20), EVAL_SEED (default 1),
-# FROM (hsa2 only: start stage 2 from this stage-1 run folder, e.g. assets/extrapolation_gpu_512_seed0, copied
-# into a fresh runs/extrapolation_gpu).
+# default the config's), STEPS2 (stage 2's final step, default 3000), LENGTHS (default 4K,64K,256K,1M),
+# SAMPLES (default 20), EVAL_SEED (default 1), FROM (hsa2 only: start stage 2 from this stage-1 run folder,
+# e.g. assets/extrapolation_gpu_512_seed0, copied into a fresh runs/extrapolation_gpu).
 #   data          the four pass-key indexes named in the configs' headers (DRT's with --tail-jitter 62)
 #   hsa1 / drt1   stage 1 (512 / 504 tokens, every chunk retrieved), a fresh run (its workdir removed first)
 #   drt1r         DRT stage 1 resumed (runs/extrapolation_gpu_drt kept), on the config's data, until STEPS1
 #   hsa2 / drt2   stage 2 (4096 / 4032 tokens), resuming the stage-1 workdir
 #   evalhsa / evaldrt   hsa-eval passkey2 at LENGTHS, into WORKDIR/eval_step<step>
-#   mk2           the multi-key variant continued from the stage-2 SWA+HSA run: runs/extrapolation_gpu_mk (a
-#                 copy of runs/extrapolation_gpu when it does not exist yet) resumed on 4K-token samples with 4
-#                 named pass keys, 2 of them asked (runs/xp_gpu_mk_4k), until step STEPS2
-#   mk1 / evalmk  the multi-key variant from scratch: SWA+HSA stage 1 on samples with 2 named pass keys, both asked
-#                 (runs/xp_gpu_mk_512, workdir runs/extrapolation_gpu_mk), evaluated on mk_passkey2
-#                 (4 named keys, one asked) and passkey2
+#   mk1 / mk2     the multi-key variant, continued from the stage-2 SWA+HSA run: runs/extrapolation_gpu_mk (a
+#                 copy of runs/extrapolation_gpu when it does not exist yet) resumed on samples with 4 named
+#                 pass keys, 2 of them asked, at 512 tokens (runs/xp_gpu_mk_512, until step STEPS1) or at 4K
+#                 tokens (runs/xp_gpu_mk_4k, until step STEPS2)
+#   evalmk        runs/extrapolation_gpu_mk on mk_passkey2 (4 named keys, one asked) and passkey2 at LENGTHS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -71,19 +70,15 @@ for stage in "$@"; do
   drt1r) train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
   drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032j/train data.eval_index=runs/xp_gpu_4032j/train data.seq_len=4032 steps="$STEPS2" ;;
   evalhsa) evaluate runs/extrapolation_gpu 16384 ;;
-  mk1)
-    [ -e runs/xp_gpu_mk_512/train/manifest.json ] || python3 -m data_pipeline.synthetic runs/xp_gpu_mk_512 \
-      --task mk_passkey --keys 2 --qa-repeats 2 --key-digits 2 --seq-len 512 --samples 40000 --haystack-docs 1
-    rm -rf runs/extrapolation_gpu_mk
-    train runs/extrapolation_gpu_mk "${HSA[@]}" ${STEPS1:+steps=$STEPS1} data.index=runs/xp_gpu_mk_512/train \
-      data.eval_index=runs/xp_gpu_mk_512/train workdir=runs/extrapolation_gpu_mk ;;
-  mk2)
-    [ -e runs/xp_gpu_mk_4k/train/manifest.json ] || python3 -m data_pipeline.synthetic runs/xp_gpu_mk_4k \
-      --task mk_passkey --keys 4 --qa-repeats 2 --key-digits 2 --seq-len 4096 --samples 20000 --haystack-docs 1
+  mk1 | mk2)
+    if [ "$stage" = mk1 ]; then data=xp_gpu_mk_512 len=512 samples=40000 last=${STEPS1:?mk1 needs STEPS1}
+    else data=xp_gpu_mk_4k len=4096 samples=20000 last=$STEPS2; fi
+    [ -e "runs/$data/train/manifest.json" ] || python3 -m data_pipeline.synthetic "runs/$data" --task mk_passkey \
+      --keys 4 --qa-repeats 2 --key-digits 2 --seq-len "$len" --samples "$samples" --haystack-docs 1
     if [ ! -e runs/extrapolation_gpu_mk/checkpoints ]; then mkdir -p runs/extrapolation_gpu_mk &&
       cp -r runs/extrapolation_gpu/config.json runs/extrapolation_gpu/checkpoints runs/extrapolation_gpu_mk/ || exit 1; fi
-    train runs/extrapolation_gpu_mk "${HSA[@]}" data.index=runs/xp_gpu_mk_4k/train data.eval_index=runs/xp_gpu_mk_4k/train \
-      data.seq_len=4096 steps="$STEPS2" workdir=runs/extrapolation_gpu_mk ;;
+    train runs/extrapolation_gpu_mk "${HSA[@]}" data.index="runs/$data/train" data.eval_index="runs/$data/train" \
+      data.seq_len="$len" steps="$last" workdir=runs/extrapolation_gpu_mk ;;
   evalmk) evaluate runs/extrapolation_gpu_mk 16384 mk_passkey2,passkey2 ;;
   evaldrt) evaluate runs/extrapolation_gpu_drt 16128 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
