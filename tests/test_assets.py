@@ -24,9 +24,10 @@ def haystack(tmp_path_factory):
 
 
 # (asset, length, prefill segment, least hits of SAMPLES): each length beyond the asset's training length
-# (512, 4096 and 504 tokens) and at another offset within the chunk than the training samples' question.
+# (256, 512, 4096 and 504 tokens) and at another offset within the chunk than the training samples' question.
 # The stage-1 GPU model scores 80-85% in its README, the others 95-100%.
-CASES = [("extrapolation_tiny_seed0", 2000, 4096, 8), ("extrapolation_gpu_512_seed0", 1500, 16384, 6),
+CASES = [("extrapolation_tiny_256_seed0", 3000, 4096, 8), ("extrapolation_tiny_seed0", 2000, 4096, 8),
+         ("extrapolation_gpu_512_seed0", 1500, 16384, 6),
          ("extrapolation_gpu_4k_seed0", 6000, 16384, 8), ("extrapolation_gpu_drt_seed0", 1500, 16128, 8)]
 
 
