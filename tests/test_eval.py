@@ -190,6 +190,10 @@ def test_synthetic_cli_rejects_more_questions_than_keys(tmp_path):
                         "--keys", "2", "--qa-repeats", "3"], capture_output=True, text=True)
     assert r.returncode == 2 and "--qa-repeats 3 with --keys 2" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", str(tmp_path / "x"), "--task", "passkey",
+                        "--seq-len", "256", "--tail-jitter", "65"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--tail-jitter 65: allowed 0 <= J <= seq_len/4 = 64" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
 
 
 def test_synthetic_tail_jitter_moves_the_question(tmp_path):
