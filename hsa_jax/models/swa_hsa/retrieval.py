@@ -42,7 +42,7 @@ def select_chunks(s_NxTxHrxC, positions_T, cfg: SWAHSAConfig, *, noise_rng=None,
         visible_TxC = (chunk_C + 1) * S <= t_Tx1
     s = jnp.where(visible_TxC[None, :, None, :], s_NxTxHrxC.astype(jnp.float32), -jnp.inf)
     sel = s if noise_rng is None else s + jax.random.gumbel(noise_rng, s.shape, s.dtype)
-    idx_NxTxHrxK = top_k_indices(jax.lax.stop_gradient(sel), K)
+    idx_NxTxHrxK = top_k_indices(sel, K)  # no gradient through the indices
     # The original keeps floor(t/S) slots; a kept slot whose chunk is masked (only possible with
     # mask_slide_window) gets weight 0 there. We treat such slots as padding too, so the real chunks
     # always come first (the original's order of those padding slots depends on top-k tie-breaking).
