@@ -44,6 +44,10 @@ if timed:
 PY
 }
 
+copy_run() {  # copy_run SRC DST: a fresh DST holding SRC's config.json and checkpoints, so that hsa-train resumes SRC's run
+  rm -rf "$2" && mkdir -p "$2" && cp -r "$1/config.json" "$1/checkpoints" "$2/"
+}
+
 evaluate() {  # evaluate WORKDIR SEGMENT [TASKS]
   local step
   step=$(ls "$1/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
@@ -64,8 +68,7 @@ for stage in "$@"; do
   hsa1) rm -rf runs/extrapolation_gpu; train runs/extrapolation_gpu "${HSA[@]}" ${STEPS1:+steps=$STEPS1} ;;
   drt1) rm -rf runs/extrapolation_gpu_drt; train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
   hsa2)
-    if [ -n "${FROM:-}" ]; then rm -rf runs/extrapolation_gpu && mkdir -p runs/extrapolation_gpu &&
-      cp -r "$FROM/config.json" "$FROM/checkpoints" runs/extrapolation_gpu/ || exit 1; fi
+    if [ -n "${FROM:-}" ]; then copy_run "$FROM" runs/extrapolation_gpu || exit 1; fi
     train runs/extrapolation_gpu "${HSA[@]}" data.index=runs/xp_gpu_4k/train data.eval_index=runs/xp_gpu_4k/train data.seq_len=4096 steps="$STEPS2" ;;
   drt1r) train runs/extrapolation_gpu_drt "${DRT[@]}" ${STEPS1:+steps=$STEPS1} ;;
   drt2) train runs/extrapolation_gpu_drt "${DRT[@]}" data.index=runs/xp_gpu_4032j/train data.eval_index=runs/xp_gpu_4032j/train data.seq_len=4032 steps="$STEPS2" ;;
@@ -75,8 +78,7 @@ for stage in "$@"; do
     else data=xp_gpu_mk_4k len=4096 samples=20000 last=$STEPS2; fi
     [ -e "runs/$data/train/manifest.json" ] || python3 -m data_pipeline.synthetic "runs/$data" --task mk_passkey \
       --keys 4 --qa-repeats 2 --key-digits 2 --seq-len "$len" --samples "$samples" --haystack-docs 1
-    if [ ! -e runs/extrapolation_gpu_mk/checkpoints ]; then mkdir -p runs/extrapolation_gpu_mk &&
-      cp -r runs/extrapolation_gpu/config.json runs/extrapolation_gpu/checkpoints runs/extrapolation_gpu_mk/ || exit 1; fi
+    if [ ! -e runs/extrapolation_gpu_mk/checkpoints ]; then copy_run runs/extrapolation_gpu runs/extrapolation_gpu_mk || exit 1; fi
     train runs/extrapolation_gpu_mk "${HSA[@]}" data.index="runs/$data/train" data.eval_index="runs/$data/train" \
       data.seq_len="$len" steps="$last" workdir=runs/extrapolation_gpu_mk ;;
   evalmk) evaluate runs/extrapolation_gpu_mk 16384 mk_passkey2,passkey2 ;;
