@@ -30,6 +30,7 @@ def parse_length(text: str) -> int:
 # shorter key (the RULER builders themselves are unchanged). "passkey2": 2-digit key, "passkey3": 3 digits.
 DEMO_TASKS = {f"passkey{d}": functools.partial(RulerTasks.passkey, digits=d) for d in (2, 3)}
 DEMO_TASKS["mk_passkey2"] = functools.partial(RulerTasks.mk_passkey, digits=2)  # 4 named 2-digit keys, one asked
+DEMO_TASKS["mk_passkey2_keys2"] = functools.partial(RulerTasks.mk_passkey, digits=2, keys=2)  # 2 named keys, one asked
 ALL_TASKS = TASKS + tuple(DEMO_TASKS)
 
 
